@@ -1,0 +1,1 @@
+"""Litestar admin API (catalog, versions, detection) — filled by the admin-plane issue."""

@@ -1,0 +1,1 @@
+"""Flower entry points and glue: ServerApp, ClientApp, strategy, record conversion."""

@@ -1,0 +1,103 @@
+"""The ClientApp: train and evaluate the broadcast model on this node's own images.
+
+Everything heavy lives in ``fedobj``; this module reads the message, finds the node's
+data (cached per process), and packs the reply.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from apps.records import get_model_context, load_arrays, model_to_arrays
+from fedobj import keys
+from fedobj.classmap import ClassMap
+from fedobj.config import RunConfig
+from fedobj.data.fashion_mnist import ImageArrays
+from fedobj.data.node_data import load_node_data
+from fedobj.model.factory import ModelArgs, build_model
+from fedobj.train import MappedData, TrainConfig, evaluate, map_to_class_map, train
+
+log = logging.getLogger("fedobj.client")
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=1)
+def _set_threads(n: int) -> None:
+    # Ray gives each ClientApp `client-resources-num-cpus` cores; torch would otherwise
+    # start one thread per machine core in every actor and oversubscribe the CPU.
+    torch.set_num_threads(n)
+
+
+def _prepare(msg: Message, context: Context) -> tuple[RunConfig, ModelArgs, ClassMap,
+                                                      torch.nn.Module]:
+    cfg = RunConfig.from_flower(context.run_config)
+    _set_threads(cfg.client_threads)
+    config = msg.content.config_records[keys.CONFIG]
+    args, class_map = get_model_context(config)
+    model = build_model(args)
+    load_arrays(model, msg.content.array_records[keys.ARRAYS])
+    return cfg, args, class_map, model
+
+
+def _node_data(cfg: RunConfig, args: ModelArgs, context: Context,
+               class_map: ClassMap) -> tuple[MappedData, MappedData]:
+    data = load_node_data(
+        context.node_config,
+        partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
+        classes_per_node=cfg.classes_per_node, eval_fraction=cfg.eval_fraction,
+        seed=cfg.seed, dataset_dir=cfg.dataset_dir,
+        channels=args.in_channels, size=args.image_size,
+    )
+    return _mapped(data.train, class_map), _mapped(data.eval, class_map)
+
+
+# Mapping copies the images once; ImageArrays hash by identity, and the node's
+# arrays are themselves cached, so this runs once per (node, class map) per process.
+@functools.lru_cache(maxsize=16)
+def _mapped(data: ImageArrays, class_map: ClassMap) -> MappedData:
+    return map_to_class_map(data, class_map)
+
+
+@app.train()
+def train_fn(msg: Message, context: Context) -> Message:
+    cfg, _args, class_map, model = _prepare(msg, context)
+    config = msg.content.config_records[keys.CONFIG]
+    train_data, _ = _node_data(cfg, _args, context, class_map)
+    server_round = int(config.get(keys.SERVER_ROUND, 1))
+    tcfg = TrainConfig(
+        epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+        lr=float(config.get(keys.LR, cfg.lr)), momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
+        augment=cfg.augment,
+        seed=cfg.seed * 100_003 + server_round * 1009 + context.node_id % 1000,
+    )
+    result = train(model, train_data.tensors, tcfg, class_map.active_indices)
+    metrics = MetricRecord({
+        keys.NUM_EXAMPLES: len(train_data.tensors),
+        keys.TRAIN_LOSS: result.loss,
+        keys.TRAIN_ACCURACY: result.accuracy,
+        keys.TRAIN_SECONDS: result.seconds,
+        keys.IGNORED_EXAMPLES: sum(train_data.ignored.values()),
+    })
+    content = RecordDict({keys.ARRAYS: model_to_arrays(model), keys.METRICS: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_fn(msg: Message, context: Context) -> Message:
+    cfg, args, class_map, model = _prepare(msg, context)
+    _, eval_data = _node_data(cfg, args, context, class_map)
+    result = evaluate(model, eval_data.tensors, class_map.active_indices)
+    metrics = MetricRecord({
+        keys.NUM_EXAMPLES: result.num_examples,
+        keys.EVAL_LOSS: result.loss if result.num_examples else 0.0,
+        keys.EVAL_ACCURACY: result.accuracy,
+    })
+    return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)
+

@@ -1,0 +1,181 @@
+"""The ``fedobj`` command line: the one composition root for people at a terminal.
+
+Domain errors become one red line and exit code 2; nothing here holds logic of its
+own beyond presenting what ``fedobj`` functions return.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedobj.errors import FedObjError
+from fedobj.superlink import LocalSuperLink
+
+app = typer.Typer(help="fedobj: federated image classification whose categories grow.",
+                  no_args_is_help=True)
+data_app = typer.Typer(help="Inspect training data.", no_args_is_help=True)
+runs_app = typer.Typer(help="Runs and their outputs.", no_args_is_help=True)
+link_app = typer.Typer(help="A local simulation SuperLink owned by fedobj.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(runs_app, name="runs")
+app.add_typer(link_app, name="superlink")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(code=2)
+
+
+@data_app.command("check")
+def data_check(
+    directory: Annotated[Path, typer.Argument(help="DIR/<category-slug>/<images>")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+) -> None:
+    """Report usable images per category and every skipped file with why."""
+    from fedobj.data.image_folder import check_image_folder
+
+    try:
+        report = check_image_folder(directory)
+    except FedObjError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        table = Table(title=f"{report.root}")
+        table.add_column("category (folder)")
+        table.add_column("images", justify="right")
+        for slug, n in sorted(report.counts.items()):
+            table.add_row(slug, str(n))
+        table.add_row("[bold]total[/bold]", f"[bold]{report.total}[/bold]")
+        console.print(table)
+        if report.skipped:
+            skipped = Table(title=f"skipped {len(report.skipped)} files")
+            skipped.add_column("file")
+            skipped.add_column("reason")
+            for path, reason in report.skipped[:50]:
+                skipped.add_row(path, reason)
+            if len(report.skipped) > 50:
+                skipped.add_row("…", f"{len(report.skipped) - 50} more (use --json)")
+            console.print(skipped)
+    if report.total == 0:
+        err_console.print("[red]no usable images: this folder cannot train[/red]")
+        raise typer.Exit(code=1)
+
+
+def _outputs_dir(outputs: Path | None) -> Path:
+    if outputs is not None:
+        return outputs
+    return Path(os.environ.get("FEDOBJ_OUTPUTS_DIR", "outputs")).resolve()
+
+
+OutputsOpt = Annotated[Path | None, typer.Option("--outputs", help="outputs folder")]
+
+
+@runs_app.command("list")
+def runs_list(outputs: OutputsOpt = None) -> None:
+    """Runs found in the outputs folder, newest first."""
+    root = _outputs_dir(outputs)
+    runs = sorted((p for p in root.glob("*/run.json") if p.parent.name != "latest"),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    table = Table(title=str(root))
+    for col in ("run", "rounds", "final central acc", "seconds"):
+        table.add_column(col)
+    for run_json in runs:
+        summary_path = run_json.parent / "summary.json"
+        s = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        acc = s.get("final_central_accuracy")
+        table.add_row(run_json.parent.name, str(s.get("rounds", "running?")),
+                      "n/a" if acc is None else f"{acc:.4f}",
+                      f"{s['seconds']:.0f}" if "seconds" in s else "")
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Annotated[str, typer.Argument(help="run id, or 'latest'")] = "latest",
+    outputs: OutputsOpt = None,
+) -> None:
+    """One run's summary and per-round metrics."""
+    import pyarrow.parquet as pq
+
+    folder = _outputs_dir(outputs) / run
+    if not (folder / "run.json").exists():
+        raise _fail(FileNotFoundError(f"no run at {folder}"))
+    folder = folder.resolve()
+    summary = folder / "summary.json"
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        acc = s.get("final_central_accuracy")
+        console.print(f"run {s['run_id']}: {s['rounds']} rounds in {s['seconds']:.0f} s, "
+                      f"final central accuracy "
+                      f"{'n/a' if acc is None else f'{acc:.4f}'}")
+    metrics = folder / "metrics.parquet"
+    if metrics.exists():
+        rows = [r for r in pq.read_table(metrics).to_pylist() if r["kind"] == "round"]
+        table = Table()
+        for col in ("round", "nodes", "central acc", "central loss", "fed acc", "lr",
+                    "seconds"):
+            table.add_column(col, justify="right")
+
+        def f(v: float | None, p: int = 4) -> str:
+            return "" if v is None else f"{v:.{p}f}"
+
+        for r in rows:
+            table.add_row(str(r["round"]), f"{r['nodes_replied']}/{r['nodes_sampled']}",
+                          f(r["central_accuracy"]), f(r["central_loss"]),
+                          f(r["accuracy"]), f(r["lr"]), f(r["seconds"], 1))
+        console.print(table)
+    console.print(f"outputs: {folder}")
+
+
+HomeOpt = Annotated[Path, typer.Option("--home", help="FLWR_HOME for the SuperLink")]
+PortOpt = Annotated[int, typer.Option("--port", help="SuperLink HTTP port")]
+CtlOpt = Annotated[int, typer.Option("--control-port", help="Control API port")]
+
+
+def _link(home: Path, port: int, control_port: int) -> LocalSuperLink:
+    extra = {"FEDOBJ_OUTPUTS_DIR": str(_outputs_dir(None))}
+    return LocalSuperLink(home.resolve(), port, control_port, extra)
+
+
+@link_app.command("start")
+def superlink_start(home: HomeOpt = Path(".flwr"), port: PortOpt = 39191,
+                    control_port: CtlOpt = 39193) -> None:
+    """Start a simulation SuperLink in the background (reused if already ours)."""
+    link = _link(home, port, control_port)
+    try:
+        pid = link.start()
+    except RuntimeError as exc:
+        raise _fail(exc) from exc
+    console.print(f"SuperLink on 127.0.0.1:{port} (pid {pid}); log {link.log_file}")
+
+
+@link_app.command("stop")
+def superlink_stop(home: HomeOpt = Path(".flwr"), port: PortOpt = 39191,
+                   control_port: CtlOpt = 39193) -> None:
+    """Stop the SuperLink and every process it started."""
+    link = _link(home, port, control_port)
+    stopped = link.stop()
+    console.print("stopped SuperLink" if stopped else "no SuperLink of ours was running")
+    if link.is_healthy():
+        raise _fail(RuntimeError(
+            f"something else still serves 127.0.0.1:{port} (a SuperLink that `flwr run` "
+            "started itself?); find it with `pgrep -af flower-superlink`"))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The run configuration: read once from Flower's run config into typed fields.
+
+Defaults live in ``pyproject.toml`` under ``[tool.flwr.app.config]`` (the SuperLink
+rejects keys not declared there); this module validates the values and names the
+offending key in one line, before any round starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedobj.data.partition import PARTITIONERS
+from fedobj.errors import ConfigError
+from fedobj.model.factory import MODEL_NAMES, NORMS
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+LR_SCHEDULES = ("constant", "exponential", "cosine")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Typed view of ``context.run_config``; field ``x_y`` is config key ``x-y``."""
+
+    num_server_rounds: int = 5
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.5
+    min_nodes: int = 2
+    model: str = "cnn"
+    norm: str = "batch"
+    image_size: int = 28
+    in_channels: int = 1
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    lr_schedule: str = "cosine"
+    lr_decay: float = 0.95
+    lr_min: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    classes_per_node: int = 2
+    eval_fraction: float = 0.1
+    seed: int = 42
+    dataset_dir: str = ""
+    outputs_dir: str = ""
+    pretrained_path: str = ""
+    client_threads: int = 1
+    central_eval: bool = True
+    round_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, key: str, rule: str) -> None:
+            if not ok:
+                value = getattr(self, key.replace("-", "_"))
+                raise ConfigError(f"run config `{key}` {rule}, got {value!r}")
+
+        need(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
+        need(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}")
+        need(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
+        need(0 < self.fraction_evaluate <= 1, "fraction-evaluate", "must be in (0, 1]")
+        need(self.min_nodes >= 1, "min-nodes", "must be >= 1")
+        need(self.model in MODEL_NAMES, "model", f"must be one of {MODEL_NAMES}")
+        need(self.norm in NORMS, "norm", f"must be one of {NORMS}")
+        need(self.in_channels in (1, 3), "in-channels", "must be 1 or 3")
+        need(self.image_size >= 16, "image-size", "must be >= 16")
+        need(self.local_epochs >= 1, "local-epochs", "must be >= 1")
+        need(self.batch_size >= 2, "batch-size", "must be >= 2")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.lr_schedule in LR_SCHEDULES, "lr-schedule", f"must be one of {LR_SCHEDULES}")
+        need(0 < self.lr_decay <= 1, "lr-decay", "must be in (0, 1]")
+        need(0 <= self.lr_min <= self.lr, "lr-min", "must be in [0, lr]")
+        need(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        need(self.weight_decay >= 0, "weight-decay", "must be >= 0")
+        need(self.proximal_mu >= 0, "proximal-mu", "must be >= 0")
+        need(self.server_lr > 0, "server-lr", "must be > 0")
+        need(self.partitioner in PARTITIONERS, "partitioner", f"must be one of {PARTITIONERS}")
+        need(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")
+        need(self.classes_per_node >= 1, "classes-per-node", "must be >= 1")
+        need(0 <= self.eval_fraction < 1, "eval-fraction", "must be in [0, 1)")
+        need(self.client_threads >= 1, "client-threads", "must be >= 1")
+        need(self.round_timeout > 0, "round-timeout", "must be > 0")
+        for key in ("dataset-dir", "outputs-dir", "pretrained-path"):
+            value = getattr(self, key.replace("-", "_"))
+            need(not value or Path(value).is_absolute(), key,
+                 "must be an absolute path (nodes and the ServerApp run elsewhere)")
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's run config; unknown keys are ignored (Flower checks)."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in run_config:
+                continue
+            value = run_config[key]
+            default = f.default
+            try:
+                if isinstance(default, bool):
+                    if not isinstance(value, bool):
+                        raise TypeError
+                    kwargs[f.name] = value
+                elif isinstance(default, int):
+                    if isinstance(value, bool) or int(value) != value:
+                        raise TypeError
+                    kwargs[f.name] = int(value)
+                elif isinstance(default, float):
+                    if isinstance(value, bool):
+                        raise TypeError
+                    kwargs[f.name] = float(value)
+                else:
+                    kwargs[f.name] = str(value)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"run config `{key}` must be {type(default).__name__}, "
+                    f"got {value!r}"
+                ) from None
+        return cls(**kwargs)
+
+    def to_flower(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def resolve_outputs_dir(self) -> Path:
+        """Absolute outputs root: run config, then FEDOBJ_OUTPUTS_DIR, then ./outputs.
+
+        ``flwr run`` executes the ServerApp in another process whose working directory
+        is that of the SuperLink; the Makefile starts the SuperLink in the project
+        folder, so ``./outputs`` lands there. The resolved path is always logged.
+        """
+        if self.outputs_dir:
+            return Path(self.outputs_dir)
+        env = os.environ.get("FEDOBJ_OUTPUTS_DIR")
+        return Path(env).resolve() if env else (Path.cwd() / "outputs").resolve()

@@ -1,0 +1,1 @@
+"""Data: Fashion-MNIST, image folders, partitioners and a node's own data."""

@@ -1,0 +1,32 @@
+"""Every key that crosses the wire, in one place (STYLE.md rule 3).
+
+Record keys name the parts of a Flower ``RecordDict``; config keys travel server ->
+node in the ``ConfigRecord``; metric keys travel node -> server in the ``MetricRecord``.
+"""
+
+# RecordDict keys (Flower's strategies take these as constructor arguments).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# ConfigRecord keys (server -> node).
+SERVER_ROUND = "server-round"  # set by Flower's strategies
+LR = "lr"
+CLASS_MAP = "class-map"  # fedobj.classmap.ClassMap.to_json()
+MODEL_ARGS = "model-args"  # json of fedobj.model.ModelArgs
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+
+# MetricRecord keys (node -> server).
+NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
+TRAIN_LOSS = "train-loss"
+TRAIN_ACCURACY = "train-accuracy"
+TRAIN_SECONDS = "train-seconds"
+EVAL_LOSS = "eval-loss"
+EVAL_ACCURACY = "eval-accuracy"
+IGNORED_EXAMPLES = "ignored-examples"
+
+# Node config keys (set per SuperNode with --node-config, or by the simulation).
+NODE_DATA_DIR = "data-dir"
+NODE_CACHE_DIR = "cache-dir"
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
