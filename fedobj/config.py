@@ -31,7 +31,7 @@ class RunConfig:
     fraction_evaluate: float = 0.5
     min_nodes: int = 2
     model: str = "cnn"
-    norm: str = "batch"
+    norm: str = "group"
     image_size: int = 28
     in_channels: int = 1
     local_epochs: int = 1

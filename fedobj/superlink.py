@@ -46,6 +46,9 @@ class LocalSuperLink:
         """Environment for ``flwr run`` so that it finds this SuperLink by port."""
         env = dict(os.environ)
         env.update(self.extra_env)
+        # Flower's processes start one another by name: the venv's bin must be on PATH.
+        bin_dir = str(Path(sys.executable).parent)
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
         env.update({
             "FLWR_HOME": str(self.flwr_home),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
@@ -103,21 +106,28 @@ class LocalSuperLink:
         raise RuntimeError(f"SuperLink not healthy after {timeout_s:.0f} s; see {self.log_file}")
 
     def stop(self, grace_s: float = 10.0) -> bool:
-        """End the SuperLink's whole process group; True if something was running."""
+        """End the SuperLink and every process it started; True if one was running.
+
+        Flower starts SuperExec, the ServerApp and the simulation in sessions of their
+        own, so a process-group signal would miss them: the whole process tree is
+        collected first (Ray's workers are re-parented once their parent dies), the
+        SuperLink is asked to shut down, and whatever remains is terminated.
+        """
         pid = self._read_pid()
         self.pid_file.unlink(missing_ok=True)
         if pid is None or not _alive(pid):
             return False
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                return True
-            deadline = time.monotonic() + grace_s
-            while time.monotonic() < deadline:
-                if not _group_alive(pid):
-                    return True
-                time.sleep(0.1)
+        tree = {pid} | descendants(pid)
+        _signal_all({pid}, signal.SIGTERM)
+        _wait_gone({pid}, grace_s)
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            for p in list(tree):
+                tree |= descendants(p)
+            alive = {p for p in tree if _alive(p)}
+            if not alive:
+                break
+            _signal_all(alive, sig)
+            _wait_gone(alive, wait)
         return True
 
     def _read_pid(self) -> int | None:
@@ -141,13 +151,39 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _group_alive(pgid: int) -> bool:
-    """True while any live process is in process group ``pgid`` (Linux /proc scan)."""
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().split(")")[-1].split()
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return children
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` in the process tree (Linux /proc scan)."""
+    children = _children_map()
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _signal_all(pids: set[int], sig: signal.Signals) -> None:
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _wait_gone(pids: set[int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)

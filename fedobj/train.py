@@ -159,7 +159,7 @@ def train(
                         if p.grad is not None:
                             p.grad.add_(p - g, alpha=cfg.proximal_mu)
             opt.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(idx)
             steps += 1

@@ -1,0 +1,171 @@
+"""Model factory, checkpoints, the class map, and the local training loops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedobj.classmap import ClassEntry, ClassMap
+from fedobj.data.categories import fashion_mnist_class_map
+from fedobj.data.fashion_mnist import ImageArrays, load_fashion_mnist
+from fedobj.errors import CheckpointError, ClassMapError, ConfigError
+from fedobj.model import Checkpoint, ModelArgs, build_model, load_checkpoint, save_checkpoint
+from fedobj.model.factory import head_keys
+from fedobj.train import TrainConfig, evaluate, lr_for_round, map_to_class_map, train
+
+
+@pytest.mark.parametrize("name,size", [("cnn", 28), ("mobilenet_v3_small", 32),
+                                       ("mobilenet_v3_large", 32)])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_factory_builds_every_model(name: str, size: int, channels: int,
+                                    norm: str) -> None:
+    args = ModelArgs(name, num_classes=7, in_channels=channels, image_size=size,
+                     norm=norm)
+    model = build_model(args).eval()
+    out = model(torch.zeros(2, channels, size, size))
+    assert out.shape == (2, 7)
+    w, b = head_keys(args)
+    assert model.state_dict()[w].shape[0] == 7 and model.state_dict()[b].shape == (7,)
+    has_bn = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert has_bn == (norm == "batch")
+
+
+def test_model_args_refuse_bad_values() -> None:
+    with pytest.raises(ConfigError, match="model"):
+        ModelArgs("resnet")
+    with pytest.raises(ConfigError, match="norm"):
+        ModelArgs(norm="layer")
+    with pytest.raises(ConfigError, match="image-size"):
+        ModelArgs("mobilenet_v3_small", image_size=28)
+
+
+def test_class_map_contract() -> None:
+    cm = ClassMap((ClassEntry(3, "bag", "Bag"), ClassEntry(0, "coat", "Coat", False)))
+    assert [e.index for e in cm.entries] == [0, 3]
+    assert cm.num_classes == 4  # gaps are kept: row i always means index i
+    assert cm.active_indices == [3]
+    assert ClassMap.from_json(cm.to_json()) == cm
+    assert ClassMap.from_dict(cm.to_dict()) == cm
+    with pytest.raises(ClassMapError, match="twice"):
+        ClassMap((ClassEntry(0, "a", "A"), ClassEntry(0, "b", "B")))
+    with pytest.raises(ClassMapError, match="twice"):
+        ClassMap((ClassEntry(0, "a", "A"), ClassEntry(1, "a", "B")))
+    with pytest.raises(ClassMapError, match="malformed"):
+        ClassMap.from_json("{not json")
+
+
+def test_checkpoint_round_trip_carries_args_and_class_map(tmp_path: Path) -> None:
+    args = ModelArgs("cnn", 10, 1, 28, "group")
+    model = build_model(args)
+    cm = fashion_mnist_class_map()
+    path = save_checkpoint(Checkpoint(args, cm, model.state_dict(), round=3,
+                                      metrics={"acc": 0.5}), tmp_path / "c.pt")
+    ck = load_checkpoint(path)
+    assert ck.model_args == args and ck.class_map == cm and ck.round == 3
+    rebuilt = ck.build()
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(rebuilt(x), model.eval()(x))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_refuses_unknown_format_and_garbage(tmp_path: Path) -> None:
+    torch.save({"format_version": 99, "model_args": {}, "class_map": [],
+                "state_dict": {}}, tmp_path / "new.pt")
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(tmp_path / "new.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"format_version": 1, "state_dict": {}}, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="model_args"):
+        load_checkpoint(tmp_path / "old.pt")
+
+
+def test_pretrained_from_own_checkpoint_keeps_matching_weights(tmp_path: Path) -> None:
+    src_args = ModelArgs("cnn", 10)
+    src = build_model(src_args)
+    save_checkpoint(Checkpoint(src_args, fashion_mnist_class_map(), src.state_dict()),
+                    tmp_path / "w.pt")
+    torch.manual_seed(123)
+    dst = build_model(ModelArgs("cnn", 4), pretrained_path=str(tmp_path / "w.pt"))
+    sd_src, sd_dst = src.state_dict(), dst.state_dict()
+    torch.testing.assert_close(sd_dst["features.0.0.weight"], sd_src["features.0.0.weight"])
+    assert sd_dst["classifier.weight"].shape == (4, 256)  # head left fresh
+
+
+def _fixture_tensors(cm: ClassMap, n: int | None = None):
+    data = load_fashion_mnist("train")
+    if n:
+        data = data.subset(np.arange(n))
+    return map_to_class_map(data, cm)
+
+
+def test_local_training_learns_fashion_mnist() -> None:
+    torch.manual_seed(0)
+    cm = fashion_mnist_class_map()
+    mapped = _fixture_tensors(cm)
+    test = map_to_class_map(load_fashion_mnist("test"), cm).tensors
+    model = build_model(ModelArgs("cnn", 10))
+    before = evaluate(model, test)
+    res = train(model, mapped.tensors, TrainConfig(epochs=2, lr=0.05, seed=0))
+    after = evaluate(model, test)
+    assert res.num_examples == 6000 and res.steps > 0
+    assert before.accuracy < 0.2
+    assert after.accuracy > 0.6, after.accuracy
+    assert after.loss < before.loss
+    assert set(after.per_class_accuracy) == set(range(10))
+
+
+def test_map_to_class_map_ignores_and_counts_unknown_and_inactive() -> None:
+    data = ImageArrays(np.zeros((6, 1, 28, 28), np.uint8), np.array([0, 0, 1, 2, 2, 2]),
+                       ("bag", "coat", "sandal"))
+    cm = ClassMap((ClassEntry(5, "bag", "Bag"), ClassEntry(2, "coat", "Coat", False)))
+    mapped = map_to_class_map(data, cm)
+    assert mapped.tensors.labels.tolist() == [5, 5]
+    assert mapped.ignored == {"coat": 1, "sandal": 3}
+    assert mapped.histogram == {"bag": 2}
+
+
+def test_inactive_classes_are_never_predicted() -> None:
+    cm = fashion_mnist_class_map()
+    mapped = _fixture_tensors(cm, 300).tensors
+    model = build_model(ModelArgs("cnn", 10))
+    with torch.no_grad():
+        model.classifier.bias.fill_(0.0)
+        model.classifier.bias[3] = 100.0  # row 3 would win every prediction
+    active = [i for i in range(10) if i != 3]
+    assert evaluate(model, mapped).per_class_accuracy.get(3, 0) >= 0.0
+    res = evaluate(model, mapped, active=active)
+    assert 3 not in res.per_class_accuracy or res.per_class_accuracy[3] == 0.0
+    model.eval()
+    from fedobj.train import to_input
+    logits = model(to_input(mapped.images[:50]))
+    assert int(logits.argmax(1).eq(3).sum()) == 50  # unmasked it always says 3
+
+
+def test_fedprox_term_keeps_weights_closer_to_global() -> None:
+    cm = fashion_mnist_class_map()
+    data = _fixture_tensors(cm, 600).tensors
+
+    def drift(mu: float) -> float:
+        torch.manual_seed(0)
+        model = build_model(ModelArgs("cnn", 10))
+        start = [p.detach().clone() for p in model.parameters()]
+        train(model, data, TrainConfig(lr=0.1, proximal_mu=mu, seed=0, augment=False))
+        return float(sum((p.detach() - s).pow(2).sum()
+                         for p, s in zip(model.parameters(), start)))
+
+    assert drift(1.0) < drift(0.0)
+
+
+def test_lr_schedules() -> None:
+    assert lr_for_round(0.1, "constant", 5, 10) == 0.1
+    assert lr_for_round(0.1, "exponential", 3, 10, decay=0.5) == pytest.approx(0.025)
+    assert lr_for_round(0.1, "cosine", 1, 10, lr_min=0.01) == pytest.approx(0.1)
+    assert lr_for_round(0.1, "cosine", 10, 10, lr_min=0.01) == pytest.approx(0.01)
+    with pytest.raises(ValueError):
+        lr_for_round(0.1, "warp", 1, 10)
