@@ -1,1 +1,1 @@
-"""Litestar admin API (catalog, versions, detection) — filled by the admin-plane issue."""
+"""Litestar admin API (catalog, versions, detection): the admin-plane issue."""

@@ -33,8 +33,9 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _prepare(msg: Message, context: Context) -> tuple[RunConfig, ModelArgs, ClassMap,
-                                                      torch.nn.Module]:
+def _prepare(
+    msg: Message, context: Context
+) -> tuple[RunConfig, ModelArgs, ClassMap, torch.nn.Module]:
     cfg = RunConfig.from_flower(context.run_config)
     _set_threads(cfg.client_threads)
     config = msg.content.config_records[keys.CONFIG]
@@ -44,14 +45,19 @@ def _prepare(msg: Message, context: Context) -> tuple[RunConfig, ModelArgs, Clas
     return cfg, args, class_map, model
 
 
-def _node_data(cfg: RunConfig, args: ModelArgs, context: Context,
-               class_map: ClassMap) -> tuple[MappedData, MappedData]:
+def _node_data(
+    cfg: RunConfig, args: ModelArgs, context: Context, class_map: ClassMap
+) -> tuple[MappedData, MappedData]:
     data = load_node_data(
         context.node_config,
-        partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
-        classes_per_node=cfg.classes_per_node, eval_fraction=cfg.eval_fraction,
-        seed=cfg.seed, dataset_dir=cfg.dataset_dir,
-        channels=args.in_channels, size=args.image_size,
+        partitioner=cfg.partitioner,
+        alpha=cfg.dirichlet_alpha,
+        classes_per_node=cfg.classes_per_node,
+        eval_fraction=cfg.eval_fraction,
+        seed=cfg.seed,
+        dataset_dir=cfg.dataset_dir,
+        channels=args.in_channels,
+        size=args.image_size,
     )
     return _mapped(data.train, class_map), _mapped(data.eval, class_map)
 
@@ -70,21 +76,25 @@ def train_fn(msg: Message, context: Context) -> Message:
     train_data, _ = _node_data(cfg, _args, context, class_map)
     server_round = int(config.get(keys.SERVER_ROUND, 1))
     tcfg = TrainConfig(
-        epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-        lr=float(config.get(keys.LR, cfg.lr)), momentum=cfg.momentum,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=float(config.get(keys.LR, cfg.lr)),
+        momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
         augment=cfg.augment,
         seed=cfg.seed * 100_003 + server_round * 1009 + context.node_id % 1000,
     )
     result = train(model, train_data.tensors, tcfg, class_map.active_indices)
-    metrics = MetricRecord({
-        keys.NUM_EXAMPLES: len(train_data.tensors),
-        keys.TRAIN_LOSS: result.loss,
-        keys.TRAIN_ACCURACY: result.accuracy,
-        keys.TRAIN_SECONDS: result.seconds,
-        keys.IGNORED_EXAMPLES: sum(train_data.ignored.values()),
-    })
+    metrics = MetricRecord(
+        {
+            keys.NUM_EXAMPLES: len(train_data.tensors),
+            keys.TRAIN_LOSS: result.loss,
+            keys.TRAIN_ACCURACY: result.accuracy,
+            keys.TRAIN_SECONDS: result.seconds,
+            keys.IGNORED_EXAMPLES: sum(train_data.ignored.values()),
+        }
+    )
     content = RecordDict({keys.ARRAYS: model_to_arrays(model), keys.METRICS: metrics})
     return Message(content=content, reply_to=msg)
 
@@ -94,10 +104,11 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     cfg, args, class_map, model = _prepare(msg, context)
     _, eval_data = _node_data(cfg, args, context, class_map)
     result = evaluate(model, eval_data.tensors, class_map.active_indices)
-    metrics = MetricRecord({
-        keys.NUM_EXAMPLES: result.num_examples,
-        keys.EVAL_LOSS: result.loss if result.num_examples else 0.0,
-        keys.EVAL_ACCURACY: result.accuracy,
-    })
+    metrics = MetricRecord(
+        {
+            keys.NUM_EXAMPLES: result.num_examples,
+            keys.EVAL_LOSS: result.loss if result.num_examples else 0.0,
+            keys.EVAL_ACCURACY: result.accuracy,
+        }
+    )
     return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)
-

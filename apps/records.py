@@ -45,7 +45,9 @@ def arrays_to_state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     return arrays.to_torch_state_dict()
 
 
-def put_model_context(config: ConfigRecord, args: ModelArgs, class_map: ClassMap) -> None:
+def put_model_context(
+    config: ConfigRecord, args: ModelArgs, class_map: ClassMap
+) -> None:
     """Attach the model arguments and class map to an outgoing config (contract 2)."""
     config[keys.MODEL_ARGS] = json.dumps(args.to_dict(), sort_keys=True)
     config[keys.CLASS_MAP] = class_map.to_json()
@@ -55,7 +57,9 @@ def get_model_context(config: ConfigRecord) -> tuple[ModelArgs, ClassMap]:
     """Read what :func:`put_model_context` wrote; a missing key is a clear error."""
     for key in (keys.MODEL_ARGS, keys.CLASS_MAP):
         if key not in config:
-            raise ValueError(f"message config has no {key!r}: server and node versions "
-                             "of fedobj differ?")
+            raise ValueError(
+                f"message config has no {key!r}: server and node versions "
+                "of fedobj differ?"
+            )
     args = ModelArgs.from_dict(json.loads(str(config[keys.MODEL_ARGS])))
     return args, ClassMap.from_json(str(config[keys.CLASS_MAP]))

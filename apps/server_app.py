@@ -25,7 +25,12 @@ from fedobj.data.node_data import load_test_set
 from fedobj.errors import FedObjError
 from fedobj.model.checkpoint import Checkpoint, save_checkpoint
 from fedobj.model.factory import ModelArgs, build_model
-from fedobj.outputs import RunOutputs, code_revision, package_versions, write_json_atomic
+from fedobj.outputs import (
+    RunOutputs,
+    code_revision,
+    package_versions,
+    write_json_atomic,
+)
 from fedobj.train import LabelledTensors, evaluate, lr_for_round, map_to_class_map
 
 log = logging.getLogger("fedobj.server")
@@ -43,8 +48,9 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
-def wait_for_nodes(grid: Grid, minimum: int, settle_s: float = 2.0,
-                   max_wait_s: float = 60.0) -> int:
+def wait_for_nodes(
+    grid: Grid, minimum: int, settle_s: float = 2.0, max_wait_s: float = 60.0
+) -> int:
     """Wait until at least ``minimum`` nodes are connected and the count is stable.
 
     Flower samples from the nodes connected *now*; right after start-up not all
@@ -98,33 +104,45 @@ def run(grid: Grid, context: Context) -> None:
     run_id = str(context.run_id)
     torch.manual_seed(cfg.seed)
     class_map = fashion_mnist_class_map()
-    args = ModelArgs(cfg.model, class_map.num_classes, cfg.in_channels,
-                     cfg.image_size, cfg.norm)
+    args = ModelArgs(
+        cfg.model, class_map.num_classes, cfg.in_channels, cfg.image_size, cfg.norm
+    )
     model = build_model(args, cfg.pretrained_path or None)
     central = CentralEvaluator(cfg, args, class_map) if cfg.central_eval else None
 
     outputs = RunOutputs.create(cfg.resolve_outputs_dir(), run_id)
     log.info("run %s: outputs in %s", run_id, outputs.root)
-    outputs.write_run_info({
-        "run_id": run_id,
-        "run_config": cfg.to_flower(),
-        "seed": cfg.seed,
-        "code_revision": code_revision(),
-        "packages": package_versions(),
-        "model_args": args.to_dict(),
-        "class_map": class_map.to_dict(),
-        "outputs_dir": str(outputs.root),
-        "started": time.time(),
-    })
+    outputs.write_run_info(
+        {
+            "run_id": run_id,
+            "run_config": cfg.to_flower(),
+            "seed": cfg.seed,
+            "code_revision": code_revision(),
+            "packages": package_versions(),
+            "model_args": args.to_dict(),
+            "class_map": class_map.to_dict(),
+            "outputs_dir": str(outputs.root),
+            "started": time.time(),
+        }
+    )
 
     strategy = RunStrategy(
-        make_inner_strategy(cfg), args, class_map,
-        lr_fn=lambda r: lr_for_round(cfg.lr, cfg.lr_schedule, r, cfg.num_server_rounds,
-                                     cfg.lr_decay, cfg.lr_min),
+        make_inner_strategy(cfg),
+        args,
+        class_map,
+        lr_fn=lambda r: lr_for_round(
+            cfg.lr, cfg.lr_schedule, r, cfg.num_server_rounds, cfg.lr_decay, cfg.lr_min
+        ),
     )
     n_nodes = wait_for_nodes(grid, cfg.min_nodes)
-    log.info("%d nodes connected; %d rounds of %s on %s (%d classes)", n_nodes,
-             cfg.num_server_rounds, cfg.strategy, cfg.model, class_map.num_classes)
+    log.info(
+        "%d nodes connected; %d rounds of %s on %s (%d classes)",
+        n_nodes,
+        cfg.num_server_rounds,
+        cfg.strategy,
+        cfg.model,
+        class_map.num_classes,
+    )
     t_start = time.time()
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -133,11 +151,24 @@ def run(grid: Grid, context: Context) -> None:
         if central is not None:
             loss, acc, per_class = central(arrays)
         if server_round == 0:
-            log.info("round 0 (initial model): central accuracy %s",
-                     "n/a" if acc is None else f"{acc:.4f}")
-            return None if acc is None else MetricRecord({"accuracy": acc, "loss": loss})
-        _record_round(outputs, strategy.rounds[server_round], arrays, args, class_map,
-                      loss, acc, per_class, cfg.num_server_rounds)
+            log.info(
+                "round 0 (initial model): central accuracy %s",
+                "n/a" if acc is None else f"{acc:.4f}",
+            )
+            return (
+                None if acc is None else MetricRecord({"accuracy": acc, "loss": loss})
+            )
+        _record_round(
+            outputs,
+            strategy.rounds[server_round],
+            arrays,
+            args,
+            class_map,
+            loss,
+            acc,
+            per_class,
+            cfg.num_server_rounds,
+        )
         return None if acc is None else MetricRecord({"accuracy": acc, "loss": loss})
 
     strategy.start(
@@ -153,17 +184,30 @@ def run(grid: Grid, context: Context) -> None:
 
 
 def _record_round(
-    outputs: RunOutputs, rec: RoundRecord, arrays: ArrayRecord, args: ModelArgs,
-    class_map: ClassMap, loss: float | None, acc: float | None,
-    per_class: dict[int, float], num_rounds: int,
+    outputs: RunOutputs,
+    rec: RoundRecord,
+    arrays: ArrayRecord,
+    args: ModelArgs,
+    class_map: ClassMap,
+    loss: float | None,
+    acc: float | None,
+    per_class: dict[int, float],
+    num_rounds: int,
 ) -> None:
     r = rec.server_round
     metrics = {"central_accuracy": acc, "central_loss": loss}
     save_checkpoint(
-        Checkpoint(args, class_map, arrays.to_torch_state_dict(), round=r,
-                   metrics={k: v for k, v in metrics.items() if v is not None},
-                   extra={"run_id": outputs.run_id,
-                          "per_class_accuracy": {str(k): v for k, v in per_class.items()}}),
+        Checkpoint(
+            args,
+            class_map,
+            arrays.to_torch_state_dict(),
+            round=r,
+            metrics={k: v for k, v in metrics.items() if v is not None},
+            extra={
+                "run_id": outputs.run_id,
+                "per_class_accuracy": {str(k): v for k, v in per_class.items()},
+            },
+        ),
         outputs.checkpoint_path(r),
     )
     ok_train = [n.metrics for n in rec.train if n.error is None]
@@ -175,31 +219,48 @@ def _record_round(
         for n in results:
             m = n.metrics
             outputs.add_row(
-                round=r, kind=kind, node_id=str(n.node_id),
-                num_examples=int(m.get(keys.NUM_EXAMPLES, 0)) if n.error is None else None,
-                loss=m.get(loss_key), accuracy=m.get(acc_key),
+                round=r,
+                kind=kind,
+                node_id=str(n.node_id),
+                num_examples=int(m.get(keys.NUM_EXAMPLES, 0))
+                if n.error is None
+                else None,
+                loss=m.get(loss_key),
+                accuracy=m.get(acc_key),
                 seconds=m.get(keys.TRAIN_SECONDS),
                 ignored_examples=int(m[keys.IGNORED_EXAMPLES])
-                if keys.IGNORED_EXAMPLES in m else None,
+                if keys.IGNORED_EXAMPLES in m
+                else None,
             )
     seconds = time.time() - rec.started
     failed = sum(1 for n in rec.train if n.error is not None)
     outputs.add_row(
-        round=r, kind="round", num_examples=int(sum(m.get(keys.NUM_EXAMPLES, 0)
-                                                    for m in ok_train)),
-        loss=_mean(ok_eval, keys.EVAL_LOSS), accuracy=_mean(ok_eval, keys.EVAL_ACCURACY),
-        central_loss=loss, central_accuracy=acc, nodes_sampled=rec.sampled,
-        nodes_replied=len(ok_train), nodes_failed=failed, lr=rec.lr, seconds=seconds,
+        round=r,
+        kind="round",
+        num_examples=int(sum(m.get(keys.NUM_EXAMPLES, 0) for m in ok_train)),
+        loss=_mean(ok_eval, keys.EVAL_LOSS),
+        accuracy=_mean(ok_eval, keys.EVAL_ACCURACY),
+        central_loss=loss,
+        central_accuracy=acc,
+        nodes_sampled=rec.sampled,
+        nodes_replied=len(ok_train),
+        nodes_failed=failed,
+        lr=rec.lr,
+        seconds=seconds,
     )
     outputs.flush()
     train_loss = _mean(ok_train, keys.TRAIN_LOSS)
     log.info(
         "round %d/%d: %d/%d nodes replied%s, train loss %s, central accuracy %s "
         "(loss %s), %.1f s",
-        r, num_rounds, len(ok_train), rec.sampled,
+        r,
+        num_rounds,
+        len(ok_train),
+        rec.sampled,
         f" ({failed} failed)" if failed else "",
         "n/a" if train_loss is None else f"{train_loss:.4f}",
-        "n/a" if acc is None else f"{acc:.4f}", "n/a" if loss is None else f"{loss:.4f}",
+        "n/a" if acc is None else f"{acc:.4f}",
+        "n/a" if loss is None else f"{loss:.4f}",
         seconds,
     )
     for n in rec.train:
@@ -216,15 +277,26 @@ def _finish(outputs: RunOutputs, seconds: float) -> None:
         "rounds": len(rounds),
         "final_central_accuracy": last.get("central_accuracy"),
         "final_federated_accuracy": last.get("accuracy"),
-        "best_central_accuracy": max((r["central_accuracy"] for r in rounds
-                                      if r["central_accuracy"] is not None),
-                                     default=None),
+        "best_central_accuracy": max(
+            (
+                r["central_accuracy"]
+                for r in rounds
+                if r["central_accuracy"] is not None
+            ),
+            default=None,
+        ),
         "seconds": seconds,
         "outputs_dir": str(outputs.root),
-        "final_checkpoint": str(outputs.checkpoint_path(len(rounds))) if rounds else None,
+        "final_checkpoint": str(outputs.checkpoint_path(len(rounds)))
+        if rounds
+        else None,
         "plot": str(png) if png else None,
     }
     write_json_atomic(Path(outputs.root) / "summary.json", summary)
     acc = summary["final_central_accuracy"]
-    log.info("done in %.0f s: final central accuracy %s; outputs in %s", seconds,
-             "n/a" if acc is None else f"{acc:.4f}", outputs.root)
+    log.info(
+        "done in %.0f s: final central accuracy %s; outputs in %s",
+        seconds,
+        "n/a" if acc is None else f"{acc:.4f}",
+        outputs.root,
+    )

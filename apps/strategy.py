@@ -85,7 +85,7 @@ def _node_results(replies: Iterable[Message]) -> tuple[list[Message], list[NodeR
 
 
 class RunStrategy(Strategy):
-    """Decorates an inner Flower strategy with fedobj's per-round context and records."""
+    """Decorates an inner Flower strategy with fedobj's round context and records."""
 
     def __init__(
         self,

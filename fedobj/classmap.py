@@ -80,8 +80,11 @@ class ClassMap:
     def from_json(cls, text: str) -> ClassMap:
         try:
             rows = json.loads(text)
-            return cls(tuple(ClassEntry(int(i), str(s), str(n), bool(a))
-                             for i, s, n, a in rows))
+            return cls(
+                tuple(
+                    ClassEntry(int(i), str(s), str(n), bool(a)) for i, s, n, a in rows
+                )
+            )
         except (ValueError, TypeError) as exc:
             raise ClassMapError(f"malformed class map: {exc}") from exc
 
@@ -96,7 +99,9 @@ class ClassMap:
         return cls(
             tuple(
                 ClassEntry(
-                    int(str(r["index"])), str(r["slug"]), str(r["name"]),
+                    int(str(r["index"])),
+                    str(r["slug"]),
+                    str(r["name"]),
                     bool(r.get("active", True)),
                 )
                 for r in rows

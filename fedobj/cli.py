@@ -18,12 +18,15 @@ from rich.table import Table
 from fedobj.errors import FedObjError
 from fedobj.superlink import LocalSuperLink
 
-app = typer.Typer(help="fedobj: federated image classification whose categories grow.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="fedobj: federated image classification whose categories grow.",
+    no_args_is_help=True,
+)
 data_app = typer.Typer(help="Inspect training data.", no_args_is_help=True)
 runs_app = typer.Typer(help="Runs and their outputs.", no_args_is_help=True)
-link_app = typer.Typer(help="A local simulation SuperLink owned by fedobj.",
-                       no_args_is_help=True)
+link_app = typer.Typer(
+    help="A local simulation SuperLink owned by fedobj.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
 app.add_typer(link_app, name="superlink")
@@ -85,8 +88,11 @@ OutputsOpt = Annotated[Path | None, typer.Option("--outputs", help="outputs fold
 def runs_list(outputs: OutputsOpt = None) -> None:
     """Runs found in the outputs folder, newest first."""
     root = _outputs_dir(outputs)
-    runs = sorted((p for p in root.glob("*/run.json") if p.parent.name != "latest"),
-                  key=lambda p: p.stat().st_mtime, reverse=True)
+    runs = sorted(
+        (p for p in root.glob("*/run.json") if p.parent.name != "latest"),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     table = Table(title=str(root))
     for col in ("run", "rounds", "final central acc", "seconds"):
         table.add_column(col)
@@ -94,9 +100,12 @@ def runs_list(outputs: OutputsOpt = None) -> None:
         summary_path = run_json.parent / "summary.json"
         s = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         acc = s.get("final_central_accuracy")
-        table.add_row(run_json.parent.name, str(s.get("rounds", "running?")),
-                      "n/a" if acc is None else f"{acc:.4f}",
-                      f"{s['seconds']:.0f}" if "seconds" in s else "")
+        table.add_row(
+            run_json.parent.name,
+            str(s.get("rounds", "running?")),
+            "n/a" if acc is None else f"{acc:.4f}",
+            f"{s['seconds']:.0f}" if "seconds" in s else "",
+        )
     console.print(table)
 
 
@@ -116,24 +125,39 @@ def runs_show(
     if summary.exists():
         s = json.loads(summary.read_text())
         acc = s.get("final_central_accuracy")
-        console.print(f"run {s['run_id']}: {s['rounds']} rounds in {s['seconds']:.0f} s, "
-                      f"final central accuracy "
-                      f"{'n/a' if acc is None else f'{acc:.4f}'}")
+        console.print(
+            f"run {s['run_id']}: {s['rounds']} rounds in {s['seconds']:.0f} s, "
+            f"final central accuracy "
+            f"{'n/a' if acc is None else f'{acc:.4f}'}"
+        )
     metrics = folder / "metrics.parquet"
     if metrics.exists():
         rows = [r for r in pq.read_table(metrics).to_pylist() if r["kind"] == "round"]
         table = Table()
-        for col in ("round", "nodes", "central acc", "central loss", "fed acc", "lr",
-                    "seconds"):
+        for col in (
+            "round",
+            "nodes",
+            "central acc",
+            "central loss",
+            "fed acc",
+            "lr",
+            "seconds",
+        ):
             table.add_column(col, justify="right")
 
         def f(v: float | None, p: int = 4) -> str:
             return "" if v is None else f"{v:.{p}f}"
 
         for r in rows:
-            table.add_row(str(r["round"]), f"{r['nodes_replied']}/{r['nodes_sampled']}",
-                          f(r["central_accuracy"]), f(r["central_loss"]),
-                          f(r["accuracy"]), f(r["lr"]), f(r["seconds"], 1))
+            table.add_row(
+                str(r["round"]),
+                f"{r['nodes_replied']}/{r['nodes_sampled']}",
+                f(r["central_accuracy"]),
+                f(r["central_loss"]),
+                f(r["accuracy"]),
+                f(r["lr"]),
+                f(r["seconds"], 1),
+            )
         console.print(table)
     console.print(f"outputs: {folder}")
 
@@ -149,8 +173,9 @@ def _link(home: Path, port: int, control_port: int) -> LocalSuperLink:
 
 
 @link_app.command("start")
-def superlink_start(home: HomeOpt = Path(".flwr"), port: PortOpt = 39191,
-                    control_port: CtlOpt = 39193) -> None:
+def superlink_start(
+    home: HomeOpt = Path(".flwr"), port: PortOpt = 39191, control_port: CtlOpt = 39193
+) -> None:
     """Start a simulation SuperLink in the background (reused if already ours)."""
     link = _link(home, port, control_port)
     try:
@@ -161,16 +186,23 @@ def superlink_start(home: HomeOpt = Path(".flwr"), port: PortOpt = 39191,
 
 
 @link_app.command("stop")
-def superlink_stop(home: HomeOpt = Path(".flwr"), port: PortOpt = 39191,
-                   control_port: CtlOpt = 39193) -> None:
+def superlink_stop(
+    home: HomeOpt = Path(".flwr"), port: PortOpt = 39191, control_port: CtlOpt = 39193
+) -> None:
     """Stop the SuperLink and every process it started."""
     link = _link(home, port, control_port)
     stopped = link.stop()
-    console.print("stopped SuperLink" if stopped else "no SuperLink of ours was running")
+    console.print(
+        "stopped SuperLink" if stopped else "no SuperLink of ours was running"
+    )
     if link.is_healthy():
-        raise _fail(RuntimeError(
-            f"something else still serves 127.0.0.1:{port} (a SuperLink that `flwr run` "
-            "started itself?); find it with `pgrep -af flower-superlink`"))
+        raise _fail(
+            RuntimeError(
+                f"something else still serves 127.0.0.1:{port} "
+                "(a SuperLink that `flwr run` "
+                "started itself?); find it with `pgrep -af flower-superlink`"
+            )
+        )
 
 
 def main() -> None:

@@ -75,14 +75,22 @@ class RunConfig:
         need(self.local_epochs >= 1, "local-epochs", "must be >= 1")
         need(self.batch_size >= 2, "batch-size", "must be >= 2")
         need(self.lr > 0, "lr", "must be > 0")
-        need(self.lr_schedule in LR_SCHEDULES, "lr-schedule", f"must be one of {LR_SCHEDULES}")
+        need(
+            self.lr_schedule in LR_SCHEDULES,
+            "lr-schedule",
+            f"must be one of {LR_SCHEDULES}",
+        )
         need(0 < self.lr_decay <= 1, "lr-decay", "must be in (0, 1]")
         need(0 <= self.lr_min <= self.lr, "lr-min", "must be in [0, lr]")
         need(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         need(self.weight_decay >= 0, "weight-decay", "must be >= 0")
         need(self.proximal_mu >= 0, "proximal-mu", "must be >= 0")
         need(self.server_lr > 0, "server-lr", "must be > 0")
-        need(self.partitioner in PARTITIONERS, "partitioner", f"must be one of {PARTITIONERS}")
+        need(
+            self.partitioner in PARTITIONERS,
+            "partitioner",
+            f"must be one of {PARTITIONERS}",
+        )
         need(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")
         need(self.classes_per_node >= 1, "classes-per-node", "must be >= 1")
         need(0 <= self.eval_fraction < 1, "eval-fraction", "must be in [0, 1)")
@@ -90,8 +98,11 @@ class RunConfig:
         need(self.round_timeout > 0, "round-timeout", "must be > 0")
         for key in ("dataset-dir", "outputs-dir", "pretrained-path"):
             value = getattr(self, key.replace("-", "_"))
-            need(not value or Path(value).is_absolute(), key,
-                 "must be an absolute path (nodes and the ServerApp run elsewhere)")
+            need(
+                not value or Path(value).is_absolute(),
+                key,
+                "must be an absolute path (nodes and the ServerApp run elsewhere)",
+            )
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:

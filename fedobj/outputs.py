@@ -26,9 +26,22 @@ import pyarrow.parquet as pq
 
 PACKAGES = ("fedobj", "flwr", "torch", "torchvision", "numpy", "pyarrow")
 METRIC_COLUMNS = (
-    "run_id", "round", "kind", "node_id", "num_examples", "loss", "accuracy",
-    "central_loss", "central_accuracy", "nodes_sampled", "nodes_replied",
-    "nodes_failed", "lr", "seconds", "ignored_examples", "time",
+    "run_id",
+    "round",
+    "kind",
+    "node_id",
+    "num_examples",
+    "loss",
+    "accuracy",
+    "central_loss",
+    "central_accuracy",
+    "nodes_sampled",
+    "nodes_replied",
+    "nodes_failed",
+    "lr",
+    "seconds",
+    "ignored_examples",
+    "time",
 )
 
 
@@ -47,14 +60,27 @@ def code_revision(start: Path | None = None) -> str:
         try:
             out = subprocess.run(
                 ["git", "-C", str(where), "rev-parse", "HEAD"],
-                capture_output=True, text=True, timeout=5, check=False,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
             )
         except (OSError, subprocess.SubprocessError):
             continue
         if out.returncode == 0:
             dirty = subprocess.run(
-                ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True, text=True, timeout=5, check=False,
+                [
+                    "git",
+                    "-C",
+                    str(where),
+                    "status",
+                    "--porcelain",
+                    "--untracked-files=no",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
             ).stdout.strip()
             return out.stdout.strip() + ("-dirty" if dirty else "")
     return "unknown"
@@ -106,7 +132,7 @@ class RunOutputs:
         write_json_atomic(self.root / "run.json", info)
 
     def add_row(self, **values: Any) -> None:
-        row = {c: None for c in METRIC_COLUMNS}
+        row: dict[str, Any] = {c: None for c in METRIC_COLUMNS}
         row.update(run_id=self.run_id, time=time.time())
         unknown = set(values) - set(METRIC_COLUMNS)
         if unknown:
@@ -116,16 +142,26 @@ class RunOutputs:
 
     def flush(self) -> Path:
         """Rewrite ``metrics.parquet`` with every row so far (atomic replace)."""
-        schema = pa.schema([
-            ("run_id", pa.string()), ("round", pa.int64()), ("kind", pa.string()),
-            ("node_id", pa.string()), ("num_examples", pa.int64()),
-            ("loss", pa.float64()), ("accuracy", pa.float64()),
-            ("central_loss", pa.float64()), ("central_accuracy", pa.float64()),
-            ("nodes_sampled", pa.int64()), ("nodes_replied", pa.int64()),
-            ("nodes_failed", pa.int64()), ("lr", pa.float64()),
-            ("seconds", pa.float64()), ("ignored_examples", pa.int64()),
-            ("time", pa.float64()),
-        ])
+        schema = pa.schema(
+            [
+                ("run_id", pa.string()),
+                ("round", pa.int64()),
+                ("kind", pa.string()),
+                ("node_id", pa.string()),
+                ("num_examples", pa.int64()),
+                ("loss", pa.float64()),
+                ("accuracy", pa.float64()),
+                ("central_loss", pa.float64()),
+                ("central_accuracy", pa.float64()),
+                ("nodes_sampled", pa.int64()),
+                ("nodes_replied", pa.int64()),
+                ("nodes_failed", pa.int64()),
+                ("lr", pa.float64()),
+                ("seconds", pa.float64()),
+                ("ignored_examples", pa.int64()),
+                ("time", pa.float64()),
+            ]
+        )
         table = pa.Table.from_pylist(self.rows, schema=schema)
         path = self.root / "metrics.parquet"
         tmp = path.with_suffix(".parquet.tmp")
@@ -146,13 +182,14 @@ class RunOutputs:
         rounds = self.round_rows()
         xs = [r["round"] for r in rounds]
         fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-        for key, label in (("central_accuracy", "centralised (test split)"),
-                           ("accuracy", "federated (nodes' held-out)")):
+        for key, label in (
+            ("central_accuracy", "centralised (test split)"),
+            ("accuracy", "federated (nodes' held-out)"),
+        ):
             pts = [(x, r[key]) for x, r in zip(xs, rounds) if r[key] is not None]
             if pts:
                 ax_acc.plot(*zip(*pts), marker="o", label=label)
-        for key, label in (("central_loss", "centralised"),
-                           ("loss", "federated")):
+        for key, label in (("central_loss", "centralised"), ("loss", "federated")):
             pts = [(x, r[key]) for x, r in zip(xs, rounds) if r[key] is not None]
             if pts:
                 ax_loss.plot(*zip(*pts), marker="o", label=label)

@@ -11,6 +11,7 @@ the simulation and Ray's workers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -49,13 +50,15 @@ class LocalSuperLink:
         # Flower's processes start one another by name: the venv's bin must be on PATH.
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-        env.update({
-            "FLWR_HOME": str(self.flwr_home),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-        })
+        env.update(
+            {
+                "FLWR_HOME": str(self.flwr_home),
+                "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
+                "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "FLWR_DISABLE_UPDATE_CHECK": "1",
+            }
+        )
         return env
 
     def is_healthy(self) -> bool:
@@ -74,21 +77,34 @@ class LocalSuperLink:
             return pid
         if self.is_healthy():
             raise RuntimeError(
-                f"port {self.http_port} already serves a SuperLink fedobj did not start; "
+                f"port {self.http_port} already serves a SuperLink fedobj did not "
+                "start; "
                 "stop it or choose other ports (SUPERLINK_PORT / CONTROL_PORT)"
             )
         exe = Path(sys.executable).with_name("flower-superlink")
         cmd = [
             str(exe) if exe.exists() else "flower-superlink",
-            "--insecure", "--simulation", "--isolation", "subprocess",
-            "--control-api-address", f"127.0.0.1:{self.control_port}",
-            "--host", "127.0.0.1", "--port", str(self.http_port),
-            "--database", str(self.flwr_home / f"superlink-{self.http_port}.db"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--control-api-address",
+            f"127.0.0.1:{self.control_port}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.http_port),
+            "--database",
+            str(self.flwr_home / f"superlink-{self.http_port}.db"),
         ]
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(
-                cmd, env=self.cli_env(), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                cmd,
+                env=self.cli_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self.pid_file.write_text(str(proc.pid))
         deadline = time.monotonic() + timeout_s
@@ -103,7 +119,9 @@ class LocalSuperLink:
                 return proc.pid
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"SuperLink not healthy after {timeout_s:.0f} s; see {self.log_file}")
+        raise RuntimeError(
+            f"SuperLink not healthy after {timeout_s:.0f} s; see {self.log_file}"
+        )
 
     def stop(self, grace_s: float = 10.0) -> bool:
         """End the SuperLink and every process it started; True if one was running.
@@ -177,10 +195,8 @@ def descendants(pid: int) -> set[int]:
 
 def _signal_all(pids: set[int], sig: signal.Signals) -> None:
     for p in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def _wait_gone(pids: set[int], timeout_s: float) -> None:

@@ -57,13 +57,25 @@ def map_to_class_map(data: ImageArrays, class_map: ClassMap) -> MappedData:
     mapped = table[data.labels] if len(data) else np.zeros(0, dtype=np.int64)
     keep = mapped >= 0
     counts = np.bincount(data.labels, minlength=len(data.label_slugs))
-    ignored = Counter({s: int(counts[i]) for i, s in enumerate(data.label_slugs)
-                       if table[i] < 0 and counts[i] > 0})
-    histogram = Counter({s: int(counts[i]) for i, s in enumerate(data.label_slugs)
-                         if table[i] >= 0 and counts[i] > 0})
+    ignored = Counter(
+        {
+            s: int(counts[i])
+            for i, s in enumerate(data.label_slugs)
+            if table[i] < 0 and counts[i] > 0
+        }
+    )
+    histogram = Counter(
+        {
+            s: int(counts[i])
+            for i, s in enumerate(data.label_slugs)
+            if table[i] >= 0 and counts[i] > 0
+        }
+    )
     return MappedData(
-        LabelledTensors(torch.from_numpy(np.ascontiguousarray(data.images[keep])),
-                        torch.from_numpy(mapped[keep])),
+        LabelledTensors(
+            torch.from_numpy(np.ascontiguousarray(data.images[keep])),
+            torch.from_numpy(mapped[keep]),
+        ),
         ignored,
         histogram,
     )
@@ -127,10 +139,15 @@ def train(
         raise ValueError("no training samples after mapping through the class map")
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
-    global_params = ([p.detach().clone() for p in model.parameters()]
-                     if cfg.proximal_mu > 0 else [])
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+    )
+    global_params = (
+        [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else []
+    )
     num_classes = _num_outputs(model, data)
     mask = _logit_mask(num_classes, active)
     n = len(data)
@@ -201,9 +218,15 @@ def evaluate(
     return EvalResult(total_loss / n, float(hit.float().mean()), n, per_class)
 
 
-def lr_for_round(base_lr: float, schedule: str, server_round: int, num_rounds: int,
-                 decay: float = 0.95, lr_min: float = 0.0) -> float:
-    """Learning rate for a round: constant, exponential decay, or cosine to ``lr_min``."""
+def lr_for_round(
+    base_lr: float,
+    schedule: str,
+    server_round: int,
+    num_rounds: int,
+    decay: float = 0.95,
+    lr_min: float = 0.0,
+) -> float:
+    """Learning rate for a round: constant, exponential, or cosine to ``lr_min``."""
     if schedule == "constant":
         return base_lr
     if schedule == "exponential":

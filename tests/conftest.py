@@ -27,8 +27,13 @@ def fmnist_dir() -> Path:
     return FIXTURE_FMNIST
 
 
-def write_image_folder(root: Path, per_class: int = 20, classes: int = 10,
-                       offset: int = 0, colour: bool = False) -> Path:
+def write_image_folder(
+    root: Path,
+    per_class: int = 20,
+    classes: int = 10,
+    offset: int = 0,
+    colour: bool = False,
+) -> Path:
     """Write real Fashion-MNIST images as PNG/JPEG into ``root/<slug>/``."""
     from fedobj.data.fashion_mnist import load_fashion_mnist
 

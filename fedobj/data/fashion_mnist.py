@@ -76,14 +76,15 @@ def read_idx(path: Path) -> np.ndarray:
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write a uint8 array as a gzipped IDX file (used to build test fixtures)."""
     arr = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(">" + "I" * arr.ndim,
-                                                          *arr.shape)
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(
+        ">" + "I" * arr.ndim, *arr.shape
+    )
     with gzip.open(path, "wb", compresslevel=9) as fh:
         fh.write(header + arr.tobytes())
 
 
 def resolve_fashion_mnist_dir(explicit: str | Path | None = None) -> Path:
-    """Return the first folder that holds all four files, or raise with how to fix it."""
+    """Return the first folder holding all four files, or raise with how to fix it."""
     candidates: list[Path] = []
     if explicit:
         candidates.append(Path(explicit))
@@ -108,7 +109,9 @@ def load_fashion_mnist(split: str, directory: str | Path | None = None) -> Image
     images = read_idx(folder / img_name)
     labels = read_idx(folder / lbl_name).astype(np.int64)
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{folder}: {images.shape[0]} images but {labels.shape[0]} labels")
+        raise ValueError(
+            f"{folder}: {images.shape[0]} images but {labels.shape[0]} labels"
+        )
     return ImageArrays(images[:, None, :, :], labels, FASHION_MNIST_SLUGS)
 
 

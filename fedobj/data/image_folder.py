@@ -28,7 +28,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 @dataclass
 class FolderReport:
-    """What a scan found: usable images per category and every file skipped, with why."""
+    """What a scan found: usable images per category, every file skipped and why."""
 
     root: Path
     counts: Counter[str] = field(default_factory=Counter)
@@ -51,26 +51,42 @@ class FolderReport:
 
 
 def _candidate_files(root: Path) -> list[tuple[str, Path]]:
+    """Every file under ``root`` with its category folder ("" if outside any)."""
     if not root.is_dir():
         raise DatasetNotFoundError(
             f"image folder {root} does not exist or is not a directory"
         )
     files: list[tuple[str, Path]] = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        if sub.name.startswith("."):
-            continue
-        for f in sorted(sub.rglob("*")):
-            if f.is_file():
-                files.append((sub.name, f))
+    for entry in sorted(root.iterdir()):
+        if entry.is_file():
+            files.append(("", entry))
+        elif entry.is_dir() and not entry.name.startswith("."):
+            files.extend(
+                (entry.name, f) for f in sorted(entry.rglob("*")) if f.is_file()
+            )
     return files
+
+
+def _skip_reason(slug: str, path: Path) -> str | None:
+    """Why a file cannot be a training image before opening it, or None."""
+    if not slug:
+        return "outside any category folder"
+    if path.name.startswith("."):
+        return "hidden file"
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image: suffix {path.suffix or '(none)'}"
+    return None
+
+
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
 
 
 def _decode(path: Path, channels: int, size: int) -> np.ndarray:
     with Image.open(path) as img:
         img.load()
         mode = "L" if channels == 1 else "RGB"
-        img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
+        resized = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+        arr = np.asarray(resized, dtype=np.uint8)
     return arr[None, :, :] if channels == 1 else arr.transpose(2, 0, 1)
 
 
@@ -96,15 +112,13 @@ def load_image_folder(
     slugs: list[str] = []
     for slug, path in files:
         rel = str(path.relative_to(root))
-        if path.name.startswith("."):
-            report.skipped.append((rel, "hidden file"))
-            continue
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            report.skipped.append((rel, f"not an image: suffix {path.suffix or '(none)'}"))
+        reason = _skip_reason(slug, path)
+        if reason:
+            report.skipped.append((rel, reason))
             continue
         try:
             images.append(_decode(path, channels, size))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except _DECODE_ERRORS as exc:
             report.skipped.append((rel, f"unreadable: {exc}"))
             continue
         slugs.append(slug)
@@ -118,7 +132,8 @@ def load_image_folder(
     label_slugs = tuple(sorted(set(slugs)))
     lookup = {s: i for i, s in enumerate(label_slugs)}
     data = ImageArrays(
-        np.stack(images), np.array([lookup[s] for s in slugs], dtype=np.int64),
+        np.stack(images),
+        np.array([lookup[s] for s in slugs], dtype=np.int64),
         label_slugs,
     )
     if cache_file is not None:
@@ -132,17 +147,17 @@ def check_image_folder(root: str | Path) -> FolderReport:
     report = FolderReport(root)
     for slug, path in _candidate_files(root):
         rel = str(path.relative_to(root))
-        if path.name.startswith("."):
-            report.skipped.append((rel, "hidden file"))
-        elif path.suffix.lower() not in IMAGE_SUFFIXES:
-            report.skipped.append((rel, f"not an image: suffix {path.suffix or '(none)'}"))
-        else:
+        reason = _skip_reason(slug, path)
+        if reason is None:
             try:
                 with Image.open(path) as img:
-                    img.verify()
-                report.counts[slug] += 1
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-                report.skipped.append((rel, f"unreadable: {exc}"))
+                    img.load()  # verify() misses truncated pixel data
+            except _DECODE_ERRORS as exc:
+                reason = f"unreadable: {exc}"
+        if reason:
+            report.skipped.append((rel, reason))
+        else:
+            report.counts[slug] += 1
     return report
 
 
@@ -177,6 +192,7 @@ def _read_cache(path: Path, root: Path) -> tuple[ImageArrays, FolderReport]:
         meta = json.loads(str(npz["meta"]))
         data = ImageArrays(npz["images"], npz["labels"], tuple(meta["slugs"]))
     rep = meta["report"]
-    report = FolderReport(root, Counter(rep["counts"]),
-                          [(s["path"], s["reason"]) for s in rep["skipped"]])
+    report = FolderReport(
+        root, Counter(rep["counts"]), [(s["path"], s["reason"]) for s in rep["skipped"]]
+    )
     return data, report

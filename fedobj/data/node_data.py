@@ -54,15 +54,21 @@ def adapt_images(images: np.ndarray, channels: int, size: int) -> np.ndarray:
     out = []
     for start in range(0, len(images), 1024):
         chunk = torch.from_numpy(images[start : start + 1024]).float()
-        chunk = F.interpolate(chunk, size=(size, size), mode="bilinear",
-                              align_corners=False, antialias=True)
+        chunk = F.interpolate(
+            chunk,
+            size=(size, size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
         out.append(chunk.round().clamp(0, 255).to(torch.uint8).numpy())
     return np.concatenate(out) if out else images[:, :, :size, :size]
 
 
 def _adapt(data: ImageArrays, channels: int, size: int) -> ImageArrays:
-    return ImageArrays(adapt_images(data.images, channels, size), data.labels,
-                       data.label_slugs)
+    return ImageArrays(
+        adapt_images(data.images, channels, size), data.labels, data.label_slugs
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -71,38 +77,69 @@ def _fashion_mnist(split: str, directory: str, channels: int, size: int) -> Imag
 
 
 @functools.lru_cache(maxsize=4)
-def _partitions(num_partitions: int, method: str, alpha: float, classes_per_node: int,
-                seed: int, directory: str, channels: int, size: int,
-                ) -> tuple[np.ndarray, ...]:
+def _partitions(
+    num_partitions: int,
+    method: str,
+    alpha: float,
+    classes_per_node: int,
+    seed: int,
+    directory: str,
+    channels: int,
+    size: int,
+) -> tuple[np.ndarray, ...]:
     labels = _fashion_mnist("train", directory, channels, size).labels
-    return tuple(partition(labels, num_partitions, method, seed, alpha,
-                           classes_per_node))
+    return tuple(
+        partition(labels, num_partitions, method, seed, alpha, classes_per_node)
+    )
 
 
 @functools.lru_cache(maxsize=64)
 def _simulated_node(
-    partition_id: int, num_partitions: int, method: str, alpha: float,
-    classes_per_node: int, eval_fraction: float, seed: int, directory: str,
-    channels: int, size: int,
+    partition_id: int,
+    num_partitions: int,
+    method: str,
+    alpha: float,
+    classes_per_node: int,
+    eval_fraction: float,
+    seed: int,
+    directory: str,
+    channels: int,
+    size: int,
 ) -> NodeData:
     full = _fashion_mnist("train", directory, channels, size)
-    parts = _partitions(num_partitions, method, alpha, classes_per_node, seed,
-                        directory, channels, size)
+    parts = _partitions(
+        num_partitions, method, alpha, classes_per_node, seed, directory, channels, size
+    )
     if not 0 <= partition_id < num_partitions:
-        raise ConfigError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
+        raise ConfigError(
+            f"partition-id {partition_id} outside 0..{num_partitions - 1}"
+        )
     mine = full.subset(parts[partition_id])
     tr, ev = train_eval_split(len(mine), eval_fraction, seed + 7919 * partition_id)
-    return NodeData(mine.subset(tr), mine.subset(ev),
-                    f"fashion-mnist partition {partition_id}/{num_partitions} ({method})")
+    return NodeData(
+        mine.subset(tr),
+        mine.subset(ev),
+        f"fashion-mnist partition {partition_id}/{num_partitions} ({method})",
+    )
 
 
 @functools.lru_cache(maxsize=4)
-def _folder_node(data_dir: str, cache_dir: str, eval_fraction: float, seed: int,
-                 channels: int, size: int) -> NodeData:
+def _folder_node(
+    data_dir: str,
+    cache_dir: str,
+    eval_fraction: float,
+    seed: int,
+    channels: int,
+    size: int,
+) -> NodeData:
     data, report = load_image_folder(data_dir, channels, size, cache_dir or None)
     if report.skipped:
-        log.warning("%s: skipped %d files (%s)", data_dir, len(report.skipped),
-                    dict(report.skip_reasons()))
+        log.warning(
+            "%s: skipped %d files (%s)",
+            data_dir,
+            len(report.skipped),
+            dict(report.skip_reasons()),
+        )
     tr, ev = train_eval_split(len(data), eval_fraction, seed)
     return NodeData(data.subset(tr), data.subset(ev), f"image folder {data_dir}")
 
@@ -127,14 +164,23 @@ def load_node_data(
     if node_config.get("data-dir"):
         data_dir = str(node_config["data-dir"])
         if not Path(data_dir).is_absolute():
-            raise ConfigError(f"node config `data-dir` must be absolute, got {data_dir!r}")
+            raise ConfigError(
+                f"node config `data-dir` must be absolute, got {data_dir!r}"
+            )
         cache = str(node_config.get("cache-dir") or default_cache_dir())
         return _folder_node(data_dir, cache, eval_fraction, seed, channels, size)
     if "partition-id" in node_config and "num-partitions" in node_config:
         return _simulated_node(
-            int(node_config["partition-id"]), int(node_config["num-partitions"]),
-            partitioner, alpha, classes_per_node, eval_fraction, seed, dataset_dir,
-            channels, size,
+            int(node_config["partition-id"]),
+            int(node_config["num-partitions"]),
+            partitioner,
+            alpha,
+            classes_per_node,
+            eval_fraction,
+            seed,
+            dataset_dir,
+            channels,
+            size,
         )
     raise ConfigError(
         "node config has neither `data-dir` (a real device's image folder) nor "

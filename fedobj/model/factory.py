@@ -9,7 +9,7 @@ from a local file the project saved itself.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -18,8 +18,11 @@ from fedobj.errors import ConfigError
 
 MODEL_NAMES = ("cnn", "mobilenet_v3_small", "mobilenet_v3_large")
 NORMS = ("batch", "group")
-HEAD_PREFIX = {"cnn": "classifier.", "mobilenet_v3_small": "classifier.3.",
-               "mobilenet_v3_large": "classifier.3."}
+HEAD_PREFIX = {
+    "cnn": "classifier.",
+    "mobilenet_v3_small": "classifier.3.",
+    "mobilenet_v3_large": "classifier.3.",
+}
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ class ModelArgs:
         min_size = 16 if self.name == "cnn" else 32
         if self.image_size < min_size:
             raise ConfigError(
-                f"image-size must be >= {min_size} for {self.name}, got {self.image_size}"
+                f"image-size must be >= {min_size} for {self.name}, "
+                f"got {self.image_size}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,31 +92,45 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(block(args.in_channels, 32), block(32, 64))
         self.pool = nn.AdaptiveAvgPool2d(7)  # identity at 28x28 (28 -> 14 -> 7)
         self.hidden = nn.Sequential(
-            nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 7 * 7, 128),
-            nn.ReLU(inplace=True), nn.Dropout(0.25),
+            nn.Flatten(),
+            nn.Dropout(0.25),
+            nn.Linear(64 * 7 * 7, 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.25),
         )
         self.classifier = nn.Linear(128, args.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.hidden(self.pool(self.features(x))))
+        logits: torch.Tensor = self.classifier(self.hidden(self.pool(self.features(x))))
+        return logits
 
 
 def _mobilenet(args: ModelArgs) -> nn.Module:
     from torchvision.models import mobilenet_v3_large, mobilenet_v3_small
 
-    ctor = mobilenet_v3_small if args.name == "mobilenet_v3_small" else mobilenet_v3_large
+    ctor = (
+        mobilenet_v3_small if args.name == "mobilenet_v3_small" else mobilenet_v3_large
+    )
     norm_layer = None
     if args.norm == "group":
+
         def norm_layer(c: int) -> nn.Module:
             return nn.GroupNorm(min(8, c), c)
+
     model = ctor(weights=None, num_classes=args.num_classes, norm_layer=norm_layer)
     if args.in_channels != 3:
-        first = model.features[0][0]
-        model.features[0][0] = nn.Conv2d(
-            args.in_channels, first.out_channels, first.kernel_size, first.stride,
-            first.padding, bias=False,
+        stem = model.features[0]
+        assert isinstance(stem, nn.Sequential) and isinstance(stem[0], nn.Conv2d)
+        first = stem[0]
+        stem[0] = nn.Conv2d(
+            args.in_channels,
+            first.out_channels,
+            first.kernel_size,  # type: ignore[arg-type]
+            first.stride,  # type: ignore[arg-type]
+            first.padding,  # type: ignore[arg-type]
+            bias=False,
         )
-    return model
+    return cast(nn.Module, model)
 
 
 def build_model(args: ModelArgs, pretrained_path: str | None = None) -> nn.Module:
@@ -128,7 +146,9 @@ def build_model(args: ModelArgs, pretrained_path: str | None = None) -> nn.Modul
 
         state = load_state_dict_file(pretrained_path)
         own = model.state_dict()
-        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        usable = {
+            k: v for k, v in state.items() if k in own and own[k].shape == v.shape
+        }
         if not usable:
             raise ConfigError(
                 f"pretrained-path {pretrained_path}: no tensor matches {args.name}"
@@ -138,6 +158,6 @@ def build_model(args: ModelArgs, pretrained_path: str | None = None) -> nn.Modul
 
 
 def head_keys(args: ModelArgs) -> tuple[str, str]:
-    """State-dict keys of the classifier row weights and bias (head growth needs them)."""
+    """State-dict keys of the classifier weights and bias (head growth needs them)."""
     prefix = HEAD_PREFIX[args.name]
     return prefix + "weight", prefix + "bias"

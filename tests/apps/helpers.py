@@ -19,15 +19,22 @@ def set_task_identity(run_id: int = 7) -> None:
     TaskIdentity.task_id = 1
 
 
-def instruction(node_id: int, content: RecordDict | None = None,
-                message_type: str = MessageType.TRAIN) -> Message:
+def instruction(
+    node_id: int,
+    content: RecordDict | None = None,
+    message_type: str = MessageType.TRAIN,
+) -> Message:
     set_task_identity()
-    return Message(content or RecordDict({"config": ConfigRecord()}),
-                   dst_node_id=node_id, message_type=message_type)
+    return Message(
+        content or RecordDict({"config": ConfigRecord()}),
+        dst_node_id=node_id,
+        message_type=message_type,
+    )
 
 
-def reply(node_id: int, content: RecordDict,
-          message_type: str = MessageType.TRAIN) -> Message:
+def reply(
+    node_id: int, content: RecordDict, message_type: str = MessageType.TRAIN
+) -> Message:
     return Message(content, reply_to=instruction(node_id, message_type=message_type))
 
 

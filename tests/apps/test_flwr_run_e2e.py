@@ -27,9 +27,13 @@ FLWR = str(Path(sys.executable).with_name("flwr"))
 def superlink(tmp_path_factory: pytest.TempPathFactory):
     outputs = tmp_path_factory.mktemp("outputs")
     link = LocalSuperLink(
-        tmp_path_factory.mktemp("flwr-home"), free_port(), free_port(),
-        {"FEDOBJ_OUTPUTS_DIR": str(outputs),
-         "FEDOBJ_FASHION_MNIST_DIR": str(FIXTURE_FMNIST)},
+        tmp_path_factory.mktemp("flwr-home"),
+        free_port(),
+        free_port(),
+        {
+            "FEDOBJ_OUTPUTS_DIR": str(outputs),
+            "FEDOBJ_FASHION_MNIST_DIR": str(FIXTURE_FMNIST),
+        },
     )
     pid = link.start()
     yield link, outputs
@@ -40,20 +44,34 @@ def superlink(tmp_path_factory: pytest.TempPathFactory):
     assert not link.is_healthy()
 
 
-def flwr_run(link: LocalSuperLink, run_config: str, nodes: int = 3,
-             timeout: int = 400) -> subprocess.CompletedProcess[str]:
+def flwr_run(
+    link: LocalSuperLink, run_config: str, nodes: int = 3, timeout: int = 400
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [FLWR, "run", str(ROOT), "--stream",
-         "--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1",
-         "--run-config", run_config],
-        env=link.cli_env(), capture_output=True, text=True, timeout=timeout,
+        [
+            FLWR,
+            "run",
+            str(ROOT),
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={nodes} client-resources-num-cpus=1",
+            "--run-config",
+            run_config,
+        ],
+        env=link.cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def test_flwr_run_learns_and_writes_outputs(superlink) -> None:
     link, outputs = superlink
-    proc = flwr_run(link, "num-server-rounds=3 min-nodes=3 fraction-evaluate=1.0 "
-                          'local-epochs=2 partitioner="iid" norm="group"')
+    proc = flwr_run(
+        link,
+        "num-server-rounds=3 min-nodes=3 fraction-evaluate=1.0 "
+        'local-epochs=2 partitioner="iid" norm="group"',
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "round 3/3: 3/3 nodes replied" in log
@@ -75,20 +93,25 @@ def test_flwr_run_learns_and_writes_outputs(superlink) -> None:
     assert ckpt.class_map.num_classes == 10 and ckpt.round == 3
     assert ckpt.model_args.norm == "group"
     assert ckpt.metrics["central_accuracy"] == pytest.approx(
-        summary["final_central_accuracy"])
+        summary["final_central_accuracy"]
+    )
     info = json.loads((run_dir / "run.json").read_text())
     assert info["run_config"]["num-server-rounds"] == 3 and info["seed"] == 42
     assert info["packages"]["flwr"] == "1.41.0" and info["code_revision"]
     assert (run_dir / "accuracy.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("override,key", [
-    ("num-server-rounds=0", "num-server-rounds"),
-    ('model="resnet"', "model"),
-    ("fraction-train=1.5", "fraction-train"),
-])
-def test_bad_run_config_fails_before_round_one(superlink, override: str,
-                                               key: str) -> None:
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("num-server-rounds=0", "num-server-rounds"),
+        ('model="resnet"', "model"),
+        ("fraction-train=1.5", "fraction-train"),
+    ],
+)
+def test_bad_run_config_fails_before_round_one(
+    superlink, override: str, key: str
+) -> None:
     link, _ = superlink
     proc = flwr_run(link, override, nodes=2, timeout=200)
     log = proc.stdout + proc.stderr

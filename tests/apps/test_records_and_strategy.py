@@ -10,7 +10,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from apps.records import get_model_context, load_arrays, model_to_arrays, put_model_context
+from apps.records import (
+    get_model_context,
+    load_arrays,
+    model_to_arrays,
+    put_model_context,
+)
 from apps.strategy import RunStrategy, make_inner_strategy
 from fedobj import keys
 from fedobj.config import RunConfig
@@ -33,8 +38,9 @@ def test_load_arrays_casts_back_integer_buffers() -> None:
     model = build_model(ModelArgs("cnn", 10, norm="batch"))
     arrays = model_to_arrays(model)
     # FedAvg turns num_batches_tracked into float64 when it averages
-    floaty = ArrayRecord({k: v.to(torch.float64)
-                          for k, v in arrays.to_torch_state_dict().items()})
+    floaty = ArrayRecord(
+        {k: v.to(torch.float64) for k, v in arrays.to_torch_state_dict().items()}
+    )
     fresh = build_model(ModelArgs("cnn", 10, norm="batch"))
     load_arrays(fresh, floaty)
     for k, v in fresh.state_dict().items():
@@ -70,8 +76,12 @@ def test_make_inner_strategy_by_name() -> None:
 def test_run_strategy_sends_class_map_lr_and_records_nodes() -> None:
     set_task_identity()
     args, cm = ModelArgs("cnn", 10), fashion_mnist_class_map()
-    strategy = RunStrategy(FedAvg(min_available_nodes=2, min_train_nodes=2), args, cm,
-                           lr_fn=lambda r: 0.1 / r)
+    strategy = RunStrategy(
+        FedAvg(min_available_nodes=2, min_train_nodes=2),
+        args,
+        cm,
+        lr_fn=lambda r: 0.1 / r,
+    )
     arrays = ArrayRecord([np.zeros(3, np.float32)])
     msgs = list(strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid([11, 12])))
     assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]
@@ -80,13 +90,21 @@ def test_run_strategy_sends_class_map_lr_and_records_nodes() -> None:
     assert get_model_context(config) == (args, cm)
 
     def ok(node: int, value: float, n: int) -> object:
-        return reply(node, RecordDict({
-            keys.ARRAYS: ArrayRecord([np.full(3, value, np.float32)]),
-            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: value}),
-        }))
+        return reply(
+            node,
+            RecordDict(
+                {
+                    keys.ARRAYS: ArrayRecord([np.full(3, value, np.float32)]),
+                    keys.METRICS: MetricRecord(
+                        {keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: value}
+                    ),
+                }
+            ),
+        )
 
-    agg, _ = strategy.aggregate_train(2, [ok(11, 1.0, 1), ok(12, 4.0, 3),
-                                          error_reply(13, "out of memory")])
+    agg, _ = strategy.aggregate_train(
+        2, [ok(11, 1.0, 1), ok(12, 4.0, 3), error_reply(13, "out of memory")]
+    )
     assert agg is not None
     np.testing.assert_allclose(agg.to_numpy_ndarrays()[0], [3.25] * 3)
     rec = strategy.rounds[2]

@@ -95,8 +95,11 @@ def test_dirichlet_is_skewed_and_iid_is_not() -> None:
     flat = P.iid(labels, 10, seed=0)
 
     def max_share(parts: list[np.ndarray]) -> float:
-        return float(np.mean([np.bincount(labels[p], minlength=10).max() / len(p)
-                              for p in parts]))
+        return float(
+            np.mean(
+                [np.bincount(labels[p], minlength=10).max() / len(p) for p in parts]
+            )
+        )
 
     assert max_share(skew) > 0.5
     assert max_share(flat) < 0.2
@@ -151,8 +154,9 @@ def test_image_folder_colour_any_size_and_disk_cache(tmp_path: Path) -> None:
     np.testing.assert_array_equal(again.images, data.images)
     assert report.total == 6
     # a new file changes the key: the cache never serves stale data
-    (root / "trouser" / "new.png").write_bytes((root / "trouser").glob("*.png")
-                                               .__next__().read_bytes())
+    (root / "trouser" / "new.png").write_bytes(
+        (root / "trouser").glob("*.png").__next__().read_bytes()
+    )
     grown, _ = load_image_folder(root, channels=3, size=32, cache_dir=cache)
     assert len(grown) == 7
 
@@ -175,15 +179,26 @@ def test_adapt_images_resizes_and_changes_channels() -> None:
 
 
 def test_node_data_from_partition_and_from_folder(tmp_path: Path) -> None:
-    common = dict(partitioner="dirichlet", alpha=0.5, classes_per_node=2,
-                  eval_fraction=0.1, seed=1, dataset_dir="", channels=1, size=28)
-    parts = [load_node_data({"partition-id": i, "num-partitions": 3}, **common)
-             for i in range(3)]
+    common = dict(
+        partitioner="dirichlet",
+        alpha=0.5,
+        classes_per_node=2,
+        eval_fraction=0.1,
+        seed=1,
+        dataset_dir="",
+        channels=1,
+        size=28,
+    )
+    parts = [
+        load_node_data({"partition-id": i, "num-partitions": 3}, **common)
+        for i in range(3)
+    ]
     total = sum(len(p.train) + len(p.eval) for p in parts)
     assert total == 3000
     root = write_image_folder(tmp_path / "dev", per_class=5, classes=2)
-    node = load_node_data({"data-dir": str(root), "cache-dir": str(tmp_path / "c")},
-                          **common)
+    node = load_node_data(
+        {"data-dir": str(root), "cache-dir": str(tmp_path / "c")}, **common
+    )
     assert len(node.train) + len(node.eval) == 10
     with pytest.raises(ConfigError, match="data-dir"):
         load_node_data({}, **common)

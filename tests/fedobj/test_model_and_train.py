@@ -12,19 +12,28 @@ from fedobj.classmap import ClassEntry, ClassMap
 from fedobj.data.categories import fashion_mnist_class_map
 from fedobj.data.fashion_mnist import ImageArrays, load_fashion_mnist
 from fedobj.errors import CheckpointError, ClassMapError, ConfigError
-from fedobj.model import Checkpoint, ModelArgs, build_model, load_checkpoint, save_checkpoint
+from fedobj.model import (
+    Checkpoint,
+    ModelArgs,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedobj.model.factory import head_keys
 from fedobj.train import TrainConfig, evaluate, lr_for_round, map_to_class_map, train
 
 
-@pytest.mark.parametrize("name,size", [("cnn", 28), ("mobilenet_v3_small", 32),
-                                       ("mobilenet_v3_large", 32)])
+@pytest.mark.parametrize(
+    "name,size", [("cnn", 28), ("mobilenet_v3_small", 32), ("mobilenet_v3_large", 32)]
+)
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("norm", ["batch", "group"])
-def test_factory_builds_every_model(name: str, size: int, channels: int,
-                                    norm: str) -> None:
-    args = ModelArgs(name, num_classes=7, in_channels=channels, image_size=size,
-                     norm=norm)
+def test_factory_builds_every_model(
+    name: str, size: int, channels: int, norm: str
+) -> None:
+    args = ModelArgs(
+        name, num_classes=7, in_channels=channels, image_size=size, norm=norm
+    )
     model = build_model(args).eval()
     out = model(torch.zeros(2, channels, size, size))
     assert out.shape == (2, 7)
@@ -62,8 +71,10 @@ def test_checkpoint_round_trip_carries_args_and_class_map(tmp_path: Path) -> Non
     args = ModelArgs("cnn", 10, 1, 28, "group")
     model = build_model(args)
     cm = fashion_mnist_class_map()
-    path = save_checkpoint(Checkpoint(args, cm, model.state_dict(), round=3,
-                                      metrics={"acc": 0.5}), tmp_path / "c.pt")
+    path = save_checkpoint(
+        Checkpoint(args, cm, model.state_dict(), round=3, metrics={"acc": 0.5}),
+        tmp_path / "c.pt",
+    )
     ck = load_checkpoint(path)
     assert ck.model_args == args and ck.class_map == cm and ck.round == 3
     rebuilt = ck.build()
@@ -73,8 +84,10 @@ def test_checkpoint_round_trip_carries_args_and_class_map(tmp_path: Path) -> Non
 
 
 def test_checkpoint_refuses_unknown_format_and_garbage(tmp_path: Path) -> None:
-    torch.save({"format_version": 99, "model_args": {}, "class_map": [],
-                "state_dict": {}}, tmp_path / "new.pt")
+    torch.save(
+        {"format_version": 99, "model_args": {}, "class_map": [], "state_dict": {}},
+        tmp_path / "new.pt",
+    )
     with pytest.raises(CheckpointError, match="format version 99"):
         load_checkpoint(tmp_path / "new.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -88,12 +101,16 @@ def test_checkpoint_refuses_unknown_format_and_garbage(tmp_path: Path) -> None:
 def test_pretrained_from_own_checkpoint_keeps_matching_weights(tmp_path: Path) -> None:
     src_args = ModelArgs("cnn", 10)
     src = build_model(src_args)
-    save_checkpoint(Checkpoint(src_args, fashion_mnist_class_map(), src.state_dict()),
-                    tmp_path / "w.pt")
+    save_checkpoint(
+        Checkpoint(src_args, fashion_mnist_class_map(), src.state_dict()),
+        tmp_path / "w.pt",
+    )
     torch.manual_seed(123)
     dst = build_model(ModelArgs("cnn", 4), pretrained_path=str(tmp_path / "w.pt"))
     sd_src, sd_dst = src.state_dict(), dst.state_dict()
-    torch.testing.assert_close(sd_dst["features.0.0.weight"], sd_src["features.0.0.weight"])
+    torch.testing.assert_close(
+        sd_dst["features.0.0.weight"], sd_src["features.0.0.weight"]
+    )
     assert sd_dst["classifier.weight"].shape == (4, 256)  # head left fresh
 
 
@@ -121,8 +138,11 @@ def test_local_training_learns_fashion_mnist() -> None:
 
 
 def test_map_to_class_map_ignores_and_counts_unknown_and_inactive() -> None:
-    data = ImageArrays(np.zeros((6, 1, 28, 28), np.uint8), np.array([0, 0, 1, 2, 2, 2]),
-                       ("bag", "coat", "sandal"))
+    data = ImageArrays(
+        np.zeros((6, 1, 28, 28), np.uint8),
+        np.array([0, 0, 1, 2, 2, 2]),
+        ("bag", "coat", "sandal"),
+    )
     cm = ClassMap((ClassEntry(5, "bag", "Bag"), ClassEntry(2, "coat", "Coat", False)))
     mapped = map_to_class_map(data, cm)
     assert mapped.tensors.labels.tolist() == [5, 5]
@@ -143,6 +163,7 @@ def test_inactive_classes_are_never_predicted() -> None:
     assert 3 not in res.per_class_accuracy or res.per_class_accuracy[3] == 0.0
     model.eval()
     from fedobj.train import to_input
+
     logits = model(to_input(mapped.images[:50]))
     assert int(logits.argmax(1).eq(3).sum()) == 50  # unmasked it always says 3
 
@@ -156,8 +177,11 @@ def test_fedprox_term_keeps_weights_closer_to_global() -> None:
         model = build_model(ModelArgs("cnn", 10))
         start = [p.detach().clone() for p in model.parameters()]
         train(model, data, TrainConfig(lr=0.1, proximal_mu=mu, seed=0, augment=False))
-        return float(sum((p.detach() - s).pow(2).sum()
-                         for p, s in zip(model.parameters(), start)))
+        return float(
+            sum(
+                (p.detach() - s).pow(2).sum() for p, s in zip(model.parameters(), start)
+            )
+        )
 
     assert drift(1.0) < drift(0.0)
 
