@@ -7,6 +7,7 @@ Files are written atomically (temp file + rename) so a crash never leaves half a
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -41,9 +42,8 @@ class Checkpoint:
         return model.eval()
 
 
-def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def checkpoint_to_bytes(ckpt: Checkpoint) -> bytes:
+    """Serialise a checkpoint (torch's zip format, loadable with weights_only)."""
     payload = {
         "format_version": FORMAT_VERSION,
         "model_args": ckpt.model_args.to_dict(),
@@ -53,28 +53,23 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
         "metrics": dict(ckpt.metrics),
         "extra": dict(ckpt.extra),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    payload = _read(path)
+def checkpoint_from_bytes(data: bytes, source: str = "<bytes>") -> Checkpoint:
+    """Parse what :func:`checkpoint_to_bytes` wrote; ``source`` names it in errors."""
+    payload = _parse(data, source)
     version = payload.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: checkpoint format version {version!r} is not supported "
+            f"{source}: checkpoint format version {version!r} is not supported "
             f"(this fedobj reads version {FORMAT_VERSION})"
         )
     for key in ("model_args", "class_map", "state_dict"):
         if key not in payload:
-            raise CheckpointError(f"{path}: checkpoint has no {key!r}")
+            raise CheckpointError(f"{source}: checkpoint has no {key!r}")
     return Checkpoint(
         model_args=ModelArgs.from_dict(payload["model_args"]),
         class_map=ClassMap.from_dict(payload["class_map"]),
@@ -85,9 +80,29 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
+def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
+    """Write atomically: a temp file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = checkpoint_to_bytes(ckpt)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    return checkpoint_from_bytes(_read_file(path), str(path))
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a fedobj checkpoint or from a bare ``state_dict`` file."""
-    payload = _read(path)
+    payload = _parse(_read_file(path), str(path))
     if "state_dict" in payload and isinstance(payload["state_dict"], dict):
         return dict(payload["state_dict"])
     if all(isinstance(v, torch.Tensor) for v in payload.values()):
@@ -95,14 +110,22 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path}: neither a fedobj checkpoint nor a state_dict")
 
 
-def _read(path: str | Path) -> dict[str, Any]:
+def _read_file(path: str | Path) -> bytes:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist")
+    return p.read_bytes()
+
+
+def _parse(data: bytes, source: str) -> dict[str, Any]:
     try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise CheckpointError(f"{p}: not a readable torch checkpoint ({exc})") from exc
+        raise CheckpointError(
+            f"{source}: not a readable torch checkpoint ({exc})"
+        ) from exc
     if not isinstance(payload, dict):
-        raise CheckpointError(f"{p}: expected a dict, found {type(payload).__name__}")
+        raise CheckpointError(
+            f"{source}: expected a dict, found {type(payload).__name__}"
+        )
     return payload

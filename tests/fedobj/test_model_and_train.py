@@ -111,7 +111,7 @@ def test_pretrained_from_own_checkpoint_keeps_matching_weights(tmp_path: Path) -
     torch.testing.assert_close(
         sd_dst["features.0.0.weight"], sd_src["features.0.0.weight"]
     )
-    assert sd_dst["classifier.weight"].shape == (4, 256)  # head left fresh
+    assert sd_dst["classifier.weight"].shape == (4, 128)  # head left fresh
 
 
 def _fixture_tensors(cm: ClassMap, n: int | None = None):
