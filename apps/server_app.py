@@ -31,7 +31,7 @@ from fedobj.outputs import (
     package_versions,
     write_json_atomic,
 )
-from fedobj.train import LabelledTensors, evaluate, lr_for_round, map_to_class_map
+from fedobj.train import LabelledTensors, evaluate, map_to_class_map
 
 log = logging.getLogger("fedobj.server")
 app = ServerApp()
@@ -130,9 +130,7 @@ def run(grid: Grid, context: Context) -> None:
         make_inner_strategy(cfg),
         args,
         class_map,
-        lr_fn=lambda r: lr_for_round(
-            cfg.lr, cfg.lr_schedule, r, cfg.num_server_rounds, cfg.lr_decay, cfg.lr_min
-        ),
+        lr_fn=cfg.lr_at,
     )
     n_nodes = wait_for_nodes(grid, cfg.min_nodes)
     log.info(

@@ -16,6 +16,7 @@ from typing import Any
 from fedobj.data.partition import PARTITIONERS
 from fedobj.errors import ConfigError
 from fedobj.model.factory import MODEL_NAMES, NORMS
+from fedobj.train import lr_for_round
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 LR_SCHEDULES = ("constant", "exponential", "cosine")
@@ -38,6 +39,7 @@ class RunConfig:
     batch_size: int = 32
     lr: float = 0.05
     lr_schedule: str = "cosine"
+    lr_schedule_rounds: int = 0
     lr_decay: float = 0.95
     lr_min: float = 0.005
     momentum: float = 0.9
@@ -80,6 +82,7 @@ class RunConfig:
             "lr-schedule",
             f"must be one of {LR_SCHEDULES}",
         )
+        need(self.lr_schedule_rounds >= 0, "lr-schedule-rounds", "must be >= 0")
         need(0 < self.lr_decay <= 1, "lr-decay", "must be in (0, 1]")
         need(0 <= self.lr_min <= self.lr, "lr-min", "must be in [0, lr]")
         need(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
@@ -135,6 +138,13 @@ class RunConfig:
                     f"got {value!r}"
                 ) from None
         return cls(**kwargs)
+
+    def lr_at(self, server_round: int) -> float:
+        """The learning rate nodes use in ``server_round``."""
+        horizon = self.lr_schedule_rounds or self.num_server_rounds
+        return lr_for_round(
+            self.lr, self.lr_schedule, server_round, horizon, self.lr_decay, self.lr_min
+        )
 
     def to_flower(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}

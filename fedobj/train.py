@@ -231,8 +231,8 @@ def lr_for_round(
         return base_lr
     if schedule == "exponential":
         return base_lr * decay ** (server_round - 1)
-    if schedule == "cosine":
-        frac = (server_round - 1) / max(num_rounds - 1, 1)
+    if schedule == "cosine":  # past ``num_rounds`` it stays at ``lr_min``
+        frac = min((server_round - 1) / max(num_rounds - 1, 1), 1.0)
         return lr_min + 0.5 * (base_lr - lr_min) * (1 + math.cos(math.pi * frac))
     raise ValueError(f"unknown lr schedule {schedule!r}")
 

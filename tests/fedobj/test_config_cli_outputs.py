@@ -137,8 +137,9 @@ def test_run_outputs_rows_parquet_plot_and_cli(tmp_path: Path) -> None:
     assert none.exit_code == 2
 
 
-@pytest.mark.parametrize("preset", sorted((ROOT / "conf").glob("*.toml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "preset", sorted((ROOT / "conf").glob("*.toml")), ids=lambda p: p.name
+)
 def test_presets_use_declared_keys_and_valid_values(preset: Path) -> None:
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"][
         "app"

@@ -191,5 +191,14 @@ def test_lr_schedules() -> None:
     assert lr_for_round(0.1, "exponential", 3, 10, decay=0.5) == pytest.approx(0.025)
     assert lr_for_round(0.1, "cosine", 1, 10, lr_min=0.01) == pytest.approx(0.1)
     assert lr_for_round(0.1, "cosine", 10, 10, lr_min=0.01) == pytest.approx(0.01)
+    assert lr_for_round(0.1, "cosine", 15, 10, lr_min=0.01) == pytest.approx(0.01)
     with pytest.raises(ValueError):
         lr_for_round(0.1, "warp", 1, 10)
+
+
+def test_lr_schedule_horizon_can_differ_from_the_run_length() -> None:
+    from fedobj.config import RunConfig
+
+    cfg = RunConfig(num_server_rounds=30, lr_schedule_rounds=20, lr=0.1, lr_min=0.01)
+    assert cfg.lr_at(20) == pytest.approx(0.01) and cfg.lr_at(30) == pytest.approx(0.01)
+    assert RunConfig(num_server_rounds=30, lr=0.1, lr_min=0.01).lr_at(20) > 0.01
