@@ -1,0 +1,86 @@
+"""Update validation, PerfFedAvg weights and the streaming mean, hand-computed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedobj.aggregation import (
+    StreamingMean,
+    perf_fedavg_weights,
+    shapes_of,
+    validate_update,
+    weighted_mean,
+)
+
+REF = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(3, np.float32)}
+
+
+def test_validate_update_accepts_a_good_update() -> None:
+    ok = {"w": np.ones((3, 2), np.float32), "b": np.ones(3, np.float32)}
+    assert validate_update(ok, shapes_of(REF), 10) is None
+
+
+@pytest.mark.parametrize(
+    "arrays,n,reason",
+    [
+        ({"w": np.ones((3, 2)), "b": np.ones(3)}, 0, "num-examples must be > 0"),
+        ({"w": np.ones((3, 2)), "b": np.ones(3)}, float("nan"), "finite"),
+        ({"w": np.ones((2, 2)), "b": np.ones(3)}, 5, "w has shape (2, 2)"),
+        (
+            {"w": np.ones((1, 2)), "b": np.ones(3)},
+            5,
+            "w has shape (1, 2)",
+        ),  # no broadcast
+        ({"w": np.ones((3, 2))}, 5, "missing ['b']"),
+        ({"w": np.ones((3, 2)), "b": np.ones(3), "x": np.ones(1)}, 5, "unexpected"),
+        ({"w": np.full((3, 2), np.nan), "b": np.ones(3)}, 5, "NaN or infinite"),
+        ({"w": np.ones((3, 2)), "b": np.array([1, np.inf, 0])}, 5, "NaN or infinite"),
+    ],
+)
+def test_validate_update_rejects_with_reason(arrays, n, reason: str) -> None:
+    got = validate_update(arrays, shapes_of(REF), n)
+    assert got is not None and reason in got, got
+
+
+def test_perf_fedavg_weights_hand_computed() -> None:
+    w = perf_fedavg_weights([100, 300], [0.5, 0.25], alpha=0.5)
+    # 0.5 * [0.25, 0.75] + 0.5 * [2/3, 1/3]
+    np.testing.assert_allclose(w, [0.5 * 0.25 + 0.5 * 2 / 3, 0.5 * 0.75 + 0.5 / 3])
+    assert w.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(
+        perf_fedavg_weights([1, 3], [0.9, 0.1], 1.0), [0.25, 0.75]
+    )
+    np.testing.assert_allclose(
+        perf_fedavg_weights([1, 3], [None, None], 0.2), [0.25, 0.75]
+    )
+    mixed = perf_fedavg_weights([1, 1], [0.8, None], 0.0)
+    np.testing.assert_allclose(mixed, [0.5, 0.5])
+    with pytest.raises(ValueError):
+        perf_fedavg_weights([1], [0.5], 1.5)
+
+
+def test_streaming_mean_equals_the_weighted_mean() -> None:
+    rng = np.random.default_rng(0)
+    ups = [
+        (
+            {
+                "w": rng.normal(size=(3, 2)).astype(np.float32),
+                "b": rng.normal(size=3).astype(np.float32),
+                "n": np.array(k, np.int64),
+            },
+            float(k + 1),
+        )
+        for k in range(5)
+    ]
+    ref = {"w": REF["w"], "b": REF["b"], "n": np.array(0, np.int64)}
+    got = weighted_mean(ups, ref)
+    ws = np.array([u[1] for u in ups]) / sum(u[1] for u in ups)
+    want_w = sum(wk * u[0]["w"].astype(np.float64) for wk, u in zip(ws, ups))
+    np.testing.assert_allclose(got["w"], want_w, rtol=1e-6)
+    assert got["w"].dtype == np.float32 and got["n"].dtype == np.int64
+    assert int(got["n"]) == round(sum(wk * k for wk, k in zip(ws, range(5))))
+    with pytest.raises(ValueError):
+        StreamingMean(ref).result()
+    with pytest.raises(ValueError):
+        StreamingMean(ref).add(ups[0][0], 0.0)
