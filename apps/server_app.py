@@ -12,18 +12,19 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from apps.records import load_arrays, model_to_arrays
-from apps.strategy import RoundRecord, RunStrategy, make_inner_strategy
+from apps.strategy import CatalogStrategy, RoundReport, make_inner_strategy
 from fedobj import keys
+from fedobj.catalog import SyncCatalog
 from fedobj.classmap import ClassMap
 from fedobj.config import RunConfig
-from fedobj.data.categories import fashion_mnist_class_map
+from fedobj.data.categories import FASHION_MNIST_NAMES
 from fedobj.data.node_data import load_test_set
 from fedobj.errors import FedObjError
-from fedobj.model.checkpoint import Checkpoint, save_checkpoint
+from fedobj.model.checkpoint import FORMAT_VERSION
 from fedobj.model.factory import ModelArgs, build_model
 from fedobj.outputs import (
     RunOutputs,
@@ -31,6 +32,7 @@ from fedobj.outputs import (
     package_versions,
     write_json_atomic,
 )
+from fedobj.registry import ArtifactStore
 from fedobj.train import LabelledTensors, evaluate, map_to_class_map
 
 log = logging.getLogger("fedobj.server")
@@ -69,18 +71,35 @@ def wait_for_nodes(
 
 
 class CentralEvaluator:
-    """Evaluates the global model on Fashion-MNIST's test split (the server's data)."""
+    """Evaluates the global model on Fashion-MNIST's test split (the server's data).
 
-    def __init__(self, cfg: RunConfig, args: ModelArgs, class_map: ClassMap) -> None:
-        test = load_test_set(cfg.dataset_dir, args.in_channels, args.image_size)
-        self.data: LabelledTensors = map_to_class_map(test, class_map).tensors
-        self.model = build_model(args)
-        self.active = class_map.active_indices
+    The test images are mapped through each round's class map (categories not in
+    the catalog are left out; inactive ones are never predicted), cached per map.
+    """
 
-    def __call__(self, arrays: ArrayRecord) -> tuple[float, float, dict[int, float]]:
-        load_arrays(self.model, arrays)
-        res = evaluate(self.model, self.data, self.active)
-        return res.loss, res.accuracy, res.per_class_accuracy
+    def __init__(self, cfg: RunConfig, args: ModelArgs) -> None:
+        self.test = load_test_set(cfg.dataset_dir, args.in_channels, args.image_size)
+        self.args = args
+        self._cache: dict[ClassMap, tuple[LabelledTensors, torch.nn.Module]] = {}
+
+    def __call__(
+        self, server_round: int, arrays: ArrayRecord, class_map: ClassMap
+    ) -> dict[str, float]:
+        if class_map not in self._cache:
+            self._cache = {
+                class_map: (
+                    map_to_class_map(self.test, class_map).tensors,
+                    build_model(self.args.with_classes(class_map.num_classes)),
+                )
+            }
+        data, model = self._cache[class_map]
+        load_arrays(model, arrays)
+        res = evaluate(model, data, class_map.active_indices)
+        out = {"accuracy": res.accuracy, "loss": res.loss}
+        out.update(
+            {f"class-{k}-accuracy": v for k, v in res.per_class_accuracy.items()}
+        )
+        return out
 
 
 def _mean(results: list[dict[str, float]], key: str) -> float | None:
@@ -99,120 +118,153 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
 
+def open_catalog(cfg: RunConfig, outputs_root: Path) -> SyncCatalog:
+    """The run's catalog, migrated, seeded on first use with Fashion-MNIST names."""
+    catalog = SyncCatalog(
+        cfg.database_url or None, default_path=outputs_root / "catalog.db"
+    )
+    catalog.migrate()
+    if cfg.initial_categories and catalog.snapshot().num_classes == 0:
+        catalog.seed_categories(FASHION_MNIST_NAMES[: cfg.initial_categories])
+    return catalog
+
+
 def run(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config)
     run_id = str(context.run_id)
     torch.manual_seed(cfg.seed)
-    class_map = fashion_mnist_class_map()
-    args = ModelArgs(
-        cfg.model, class_map.num_classes, cfg.in_channels, cfg.image_size, cfg.norm
-    )
-    model = build_model(args, cfg.pretrained_path or None)
-    central = CentralEvaluator(cfg, args, class_map) if cfg.central_eval else None
+    outputs_root = cfg.resolve_outputs_dir()
+    outputs_root.mkdir(parents=True, exist_ok=True)
+    catalog = open_catalog(cfg, outputs_root)
+    store = ArtifactStore(cfg.registry_uri or outputs_root)
+    catalog.acquire_lease(run_id, cfg.lease_ttl, force=cfg.allow_concurrent_runs)
+    try:
+        _run_with_catalog(grid, cfg, run_id, outputs_root, catalog, store)
+    finally:
+        catalog.release_lease(run_id)
 
-    outputs = RunOutputs.create(cfg.resolve_outputs_dir(), run_id)
-    log.info("run %s: outputs in %s", run_id, outputs.root)
+
+def _run_with_catalog(
+    grid: Grid,
+    cfg: RunConfig,
+    run_id: str,
+    outputs_root: Path,
+    catalog: SyncCatalog,
+    store: ArtifactStore,
+) -> None:
+    first_round, parent = 1, None
+    current = catalog.current_version() if cfg.resume else None
+    if current is not None:
+        ckpt = store.load_checkpoint(current.checkpoint_uri, current.checkpoint_sha256)
+        args, class_map = ckpt.model_args, ckpt.class_map
+        initial = ArrayRecord(ckpt.state_dict)
+        first_round, parent = current.round + 1, current.id
+        log.info(
+            "resuming from version %s (run %s, round %d)",
+            current.name,
+            current.run_id,
+            current.round,
+        )
+    else:
+        class_map = catalog.snapshot()
+        args = ModelArgs(
+            cfg.model,
+            max(class_map.num_classes, 1),
+            cfg.in_channels,
+            cfg.image_size,
+            cfg.norm,
+        )
+        initial = model_to_arrays(build_model(args, cfg.pretrained_path or None))
+    central = CentralEvaluator(cfg, args) if cfg.central_eval else None
+
+    outputs = RunOutputs.create(outputs_root, run_id)
+    log.info(
+        "run %s: outputs in %s; catalog %s; registry %s",
+        run_id,
+        outputs.root,
+        catalog.url,
+        store.uri(""),
+    )
+    provenance = {
+        "run_config": cfg.to_flower(),
+        "seed": cfg.seed,
+        "code_revision": code_revision(),
+        "packages": package_versions(),
+        "checkpoint_format": FORMAT_VERSION,
+    }
     outputs.write_run_info(
         {
+            **provenance,
             "run_id": run_id,
-            "run_config": cfg.to_flower(),
-            "seed": cfg.seed,
-            "code_revision": code_revision(),
-            "packages": package_versions(),
             "model_args": args.to_dict(),
             "class_map": class_map.to_dict(),
             "outputs_dir": str(outputs.root),
+            "catalog": catalog.url,
+            "first_round": first_round,
             "started": time.time(),
         }
     )
 
-    strategy = RunStrategy(
+    final: dict[str, str] = {}
+
+    def on_round(report: RoundReport) -> None:
+        _record_round(outputs, report, first_round + cfg.num_server_rounds - 1)
+        if report.version is not None:
+            final.update(
+                checkpoint=report.version.checkpoint_uri, version=report.version.name
+            )
+        catalog.renew_lease(run_id, cfg.lease_ttl)
+
+    strategy = CatalogStrategy(
         make_inner_strategy(cfg),
-        args,
-        class_map,
+        catalog=catalog,
+        store=store,
+        model_args=args,
+        run_id=run_id,
         lr_fn=cfg.lr_at,
+        head_init=cfg.head_init,
+        promote=cfg.promote,
+        evaluate_fn=central,
+        on_round=on_round,
+        provenance=provenance,
+        seed=cfg.seed,
     )
+    if current is not None:
+        strategy._restore_server_state(current)
     n_nodes = wait_for_nodes(grid, cfg.min_nodes)
     log.info(
-        "%d nodes connected; %d rounds of %s on %s (%d classes)",
+        "%d nodes connected; rounds %d..%d of %s on %s (%d classes)",
         n_nodes,
-        cfg.num_server_rounds,
+        first_round,
+        first_round + cfg.num_server_rounds - 1,
         cfg.strategy,
         cfg.model,
         class_map.num_classes,
     )
     t_start = time.time()
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        loss = acc = None
-        per_class: dict[int, float] = {}
-        if central is not None:
-            loss, acc, per_class = central(arrays)
-        if server_round == 0:
-            log.info(
-                "round 0 (initial model): central accuracy %s",
-                "n/a" if acc is None else f"{acc:.4f}",
-            )
-            return (
-                None if acc is None else MetricRecord({"accuracy": acc, "loss": loss})
-            )
-        _record_round(
-            outputs,
-            strategy.rounds[server_round],
-            arrays,
-            args,
-            class_map,
-            loss,
-            acc,
-            per_class,
-            cfg.num_server_rounds,
-        )
-        return None if acc is None else MetricRecord({"accuracy": acc, "loss": loss})
-
     strategy.start(
         grid=grid,
-        initial_arrays=model_to_arrays(model),
+        initial_arrays=initial,
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=evaluate_fn,
+        class_map=class_map,
+        first_round=first_round,
+        parent_version=parent,
     )
-    _finish(outputs, time.time() - t_start)
+    _finish(outputs, time.time() - t_start, final)
 
 
-def _record_round(
-    outputs: RunOutputs,
-    rec: RoundRecord,
-    arrays: ArrayRecord,
-    args: ModelArgs,
-    class_map: ClassMap,
-    loss: float | None,
-    acc: float | None,
-    per_class: dict[int, float],
-    num_rounds: int,
-) -> None:
-    r = rec.server_round
-    metrics = {"central_accuracy": acc, "central_loss": loss}
-    save_checkpoint(
-        Checkpoint(
-            args,
-            class_map,
-            arrays.to_torch_state_dict(),
-            round=r,
-            metrics={k: v for k, v in metrics.items() if v is not None},
-            extra={
-                "run_id": outputs.run_id,
-                "per_class_accuracy": {str(k): v for k, v in per_class.items()},
-            },
-        ),
-        outputs.checkpoint_path(r),
-    )
-    ok_train = [n.metrics for n in rec.train if n.error is None]
-    ok_eval = [n.metrics for n in rec.evaluate if n.error is None]
+def _record_round(outputs: RunOutputs, rep: RoundReport, last_round: int) -> None:
+    r = rep.server_round
+    acc, loss = rep.central.get("accuracy"), rep.central.get("loss")
+    rejected = {b.node_id for b in rep.rejected}
+    ok_train = [
+        n.metrics for n in rep.train if n.error is None and n.node_id not in rejected
+    ]
+    ok_eval = [n.metrics for n in rep.evaluate if n.error is None]
     for kind, results, loss_key, acc_key in (
-        ("node-train", rec.train, keys.TRAIN_LOSS, keys.TRAIN_ACCURACY),
-        ("node-evaluate", rec.evaluate, keys.EVAL_LOSS, keys.EVAL_ACCURACY),
+        ("node-train", rep.train, keys.TRAIN_LOSS, keys.TRAIN_ACCURACY),
+        ("node-evaluate", rep.evaluate, keys.EVAL_LOSS, keys.EVAL_ACCURACY),
     ):
         for n in results:
             m = n.metrics
@@ -220,8 +272,8 @@ def _record_round(
                 round=r,
                 kind=kind,
                 node_id=str(n.node_id),
-                num_examples=int(m.get(keys.NUM_EXAMPLES, 0))
-                if n.error is None
+                num_examples=int(m[keys.NUM_EXAMPLES])
+                if keys.NUM_EXAMPLES in m
                 else None,
                 loss=m.get(loss_key),
                 accuracy=m.get(acc_key),
@@ -230,8 +282,7 @@ def _record_round(
                 if keys.IGNORED_EXAMPLES in m
                 else None,
             )
-    seconds = time.time() - rec.started
-    failed = sum(1 for n in rec.train if n.error is not None)
+    seconds = time.time() - rep.started
     outputs.add_row(
         round=r,
         kind="round",
@@ -240,33 +291,38 @@ def _record_round(
         accuracy=_mean(ok_eval, keys.EVAL_ACCURACY),
         central_loss=loss,
         central_accuracy=acc,
-        nodes_sampled=rec.sampled,
+        nodes_sampled=rep.sampled,
         nodes_replied=len(ok_train),
-        nodes_failed=failed,
-        lr=rec.lr,
+        nodes_failed=len(rep.rejected),
+        lr=rep.lr,
         seconds=seconds,
     )
     outputs.flush()
     train_loss = _mean(ok_train, keys.TRAIN_LOSS)
+    extra = ""
+    if rep.grew_from is not None:
+        extra += f", head grew {rep.grew_from}->{rep.class_map.num_classes}"
+    if rep.rolled_back_to:
+        extra += f", continued from rolled-back version {rep.rolled_back_to}"
+    if rep.rejected:
+        extra += f", {len(rep.rejected)} rejected"
     log.info(
         "round %d/%d: %d/%d nodes replied%s, train loss %s, central accuracy %s "
-        "(loss %s), %.1f s",
+        "(loss %s), version %s, %.1f s",
         r,
-        num_rounds,
+        last_round,
         len(ok_train),
-        rec.sampled,
-        f" ({failed} failed)" if failed else "",
+        rep.sampled,
+        extra,
         "n/a" if train_loss is None else f"{train_loss:.4f}",
         "n/a" if acc is None else f"{acc:.4f}",
         "n/a" if loss is None else f"{loss:.4f}",
+        rep.version.name if rep.version else "-",
         seconds,
     )
-    for n in rec.train:
-        if n.error is not None:
-            log.warning("round %d: node %d failed: %s", r, n.node_id, n.error)
 
 
-def _finish(outputs: RunOutputs, seconds: float) -> None:
+def _finish(outputs: RunOutputs, seconds: float, final: dict[str, str]) -> None:
     rounds = outputs.round_rows()
     last = rounds[-1] if rounds else {}
     png = outputs.plot() if rounds else None
@@ -285,9 +341,8 @@ def _finish(outputs: RunOutputs, seconds: float) -> None:
         ),
         "seconds": seconds,
         "outputs_dir": str(outputs.root),
-        "final_checkpoint": str(outputs.checkpoint_path(len(rounds)))
-        if rounds
-        else None,
+        "final_checkpoint": final.get("checkpoint"),
+        "final_version": final.get("version"),
         "plot": str(png) if png else None,
     }
     write_json_atomic(Path(outputs.root) / "summary.json", summary)

@@ -1,33 +1,51 @@
-"""Strategies: Flower's own, selected by run config, wrapped by one that observes.
+"""CatalogStrategy: the outer orchestrator that owns fedobj's round loop.
 
-``RunStrategy`` follows the pattern of Flower's DP wrappers: it *is* a ``Strategy``,
-holds an inner one, and overrides the four hooks to do its part before delegating.
-Its part: every outgoing config carries the model arguments, the class map and the
-round's learning rate (DESIGN.md contract 2); every reply's metrics are kept per node
-so the run can write a row per node and round. Flower's ``start()`` still runs the
-loop (the catalog-driven strategy that owns the loop comes with class growth).
+Flower's ``Strategy.start()`` runs rounds 1..N with no pre-round hook and no round
+offset, and its DP wrappers snapshot the arrays before the inner ``configure_train``.
+Growing the head from the catalog, honouring a rollback, validating replies before
+any wrapper sees them and resuming at round N+1 all need a step *between* Flower's
+hooks, so this class writes its own ``start()`` in Flower's shape (same hooks, same
+``Result``) and drives an inner Flower strategy (FedAvg, FedProx, FedAdam) for
+sampling and aggregation (DESIGN.md, "The round").
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Result, Strategy
 
 from apps.records import put_model_context
 from fedobj import keys
+from fedobj.aggregation import validate_update
+from fedobj.catalog import SyncCatalog
+from fedobj.catalog.records import VersionRecord
 from fedobj.classmap import ClassMap
 from fedobj.config import RunConfig
-from fedobj.model.factory import ModelArgs
+from fedobj.errors import FedObjError
+from fedobj.model.checkpoint import Checkpoint
+from fedobj.model.factory import ModelArgs, head_keys
+from fedobj.model.growth import grow_head, grow_rows
+from fedobj.registry import ArtifactStore
+
+log = logging.getLogger("fedobj.strategy")
+
+
+class NoActiveCategoryError(FedObjError):
+    """The catalog has no active category: there is nothing to train."""
 
 
 @dataclass
 class NodeResult:
-    """One node's reply in one round: its metrics, or why it failed."""
+    """One node's reply in one round: its metrics, or why it was not used."""
 
     node_id: int
     metrics: dict[str, float] = field(default_factory=dict)
@@ -35,20 +53,26 @@ class NodeResult:
 
 
 @dataclass
-class RoundRecord:
-    """What the wrapper saw in one round, for the run's outputs and logs."""
+class RoundReport:
+    """What happened in one round, for outputs, logs and the catalog."""
 
     server_round: int
     started: float
     lr: float
+    class_map: ClassMap
     sampled: int = 0
     train: list[NodeResult] = field(default_factory=list)
+    rejected: list[NodeResult] = field(default_factory=list)
     evaluate: list[NodeResult] = field(default_factory=list)
+    grew_from: int | None = None
+    rolled_back_to: str | None = None
+    version: VersionRecord | None = None
+    central: dict[str, float] = field(default_factory=dict)
 
 
 def make_inner_strategy(cfg: RunConfig) -> FedAvg:
     """Flower's strategy named by ``strategy`` in the run config."""
-    common = dict(
+    common: dict[str, Any] = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_nodes,
@@ -59,15 +83,16 @@ def make_inner_strategy(cfg: RunConfig) -> FedAvg:
         configrecord_key=keys.CONFIG,
     )
     if cfg.strategy == "fedavg":
-        return FedAvg(**common)  # type: ignore[arg-type]
+        return FedAvg(**common)
     if cfg.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=cfg.proximal_mu)  # type: ignore[arg-type]
+        return FedProx(**common, proximal_mu=cfg.proximal_mu)
     if cfg.strategy == "fedadam":
-        return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)  # type: ignore[arg-type]
+        return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)
     raise ValueError(f"unknown strategy {cfg.strategy!r}")  # RunConfig rejects it first
 
 
-def _node_results(replies: Iterable[Message]) -> tuple[list[Message], list[NodeResult]]:
+def node_results(replies: Iterable[Message]) -> tuple[list[Message], list[NodeResult]]:
+    """Materialise replies and read each one's numeric metrics (or its error)."""
     replies = list(replies)
     out = []
     for msg in replies:
@@ -84,54 +109,433 @@ def _node_results(replies: Iterable[Message]) -> tuple[list[Message], list[NodeR
     return replies, out
 
 
-class RunStrategy(Strategy):
-    """Decorates an inner Flower strategy with fedobj's round context and records."""
+def validate_replies(
+    replies: list[Message], reference: ArrayRecord
+) -> tuple[list[Message], list[NodeResult]]:
+    """Keep the replies that may be aggregated; explain each one that may not.
+
+    Contract 5: an error reply, a missing model, shapes unlike the broadcast model
+    (a pre-growth head included), non-finite values or a non-positive example count
+    are removed here, before the inner strategy (or a DP wrapper) sees them.
+    """
+    shapes = {k: tuple(v.shape) for k, v in reference.items()}
+    valid, rejected = [], []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            rejected.append(NodeResult(node, error=f"error reply: {msg.error.reason}"))
+            continue
+        content = msg.content
+        if keys.ARRAYS not in content.array_records:
+            rejected.append(NodeResult(node, error="reply has no model arrays"))
+            continue
+        metrics = content.metric_records.get(keys.METRICS)
+        n = metrics.get(keys.NUM_EXAMPLES) if metrics is not None else None
+        arrays = {k: v.numpy() for k, v in content.array_records[keys.ARRAYS].items()}
+        reason = validate_update(arrays, shapes, n if n is not None else float("nan"))
+        if reason:
+            rejected.append(NodeResult(node, error=reason))
+        else:
+            valid.append(msg)
+    return valid, rejected
+
+
+def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+class CatalogStrategy(Strategy):
+    """Runs rounds from the catalog: snapshot, rollback, growth, validation, versions.
+
+    Parameters
+    ----------
+    inner
+        The Flower strategy that samples nodes and aggregates (FedAvg, FedProx,
+        FedAdam); it only ever sees validated replies.
+    catalog, store
+        Where categories, rounds and versions live, and where checkpoints go.
+    model_args
+        The architecture; its ``num_classes`` follows the catalog.
+    lr_fn
+        Learning rate nodes use in a round (the schedule across rounds).
+    head_init
+        How new head rows start (``fedobj.model.growth``).
+    promote
+        ``"latest"``: every round's version becomes current; ``"best"``: only one
+        with the best centralised accuracy among versions of the same class map
+        (a growth always makes its first version current).
+    evaluate_fn
+        Centralised evaluation ``(round, arrays, class_map) -> metrics``.
+    on_round
+        Called with each finished :class:`RoundReport` (outputs, logs).
+    """
 
     def __init__(
         self,
         inner: Strategy,
+        *,
+        catalog: SyncCatalog,
+        store: ArtifactStore,
         model_args: ModelArgs,
-        class_map: ClassMap,
+        run_id: str,
         lr_fn: Callable[[int], float],
+        head_init: str = "mean",
+        promote: str = "latest",
+        min_replies: int = 1,
+        evaluate_fn: Callable[[int, ArrayRecord, ClassMap], dict[str, float]]
+        | None = None,
+        on_round: Callable[[RoundReport], None] | None = None,
+        provenance: dict[str, Any] | None = None,
+        seed: int = 0,
     ) -> None:
+        if promote not in ("latest", "best"):
+            raise ValueError(f"promote must be 'latest' or 'best', got {promote!r}")
         self.inner = inner
+        self.catalog = catalog
+        self.store = store
         self.model_args = model_args
-        self.class_map = class_map
+        self.run_id = run_id
         self.lr_fn = lr_fn
-        self.rounds: dict[int, RoundRecord] = {}
+        self.head_init = head_init
+        self.promote = promote
+        self.min_replies = min_replies
+        self.evaluate_fn = evaluate_fn
+        self.on_round = on_round
+        self.provenance = dict(provenance or {})
+        self.seed = seed
+        self.class_map = ClassMap()
+        self.last_version_id: Any = None
+        self.reports: dict[int, RoundReport] = {}
+
+    # ------------------------------------------------------------ Flower's hooks
 
     def summary(self) -> None:
+        log.info(
+            "CatalogStrategy around %s: head-init %s, promote %s",
+            type(self.inner).__name__,
+            self.head_init,
+            self.promote,
+        )
         self.inner.summary()
+
+    def _context(self, config: ConfigRecord) -> ConfigRecord:
+        put_model_context(config, self.model_args, self.class_map)
+        return config
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        lr = self.lr_fn(server_round)
-        record = RoundRecord(server_round, time.time(), lr)
-        self.rounds[server_round] = record
-        config[keys.LR] = lr
-        put_model_context(config, self.model_args, self.class_map)
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        record.sampled = len(messages)
-        return messages
+        config[keys.LR] = self.lr_fn(server_round)
+        return self.inner.configure_train(
+            server_round, arrays, self._context(config), grid
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies, results = _node_results(replies)
-        self.rounds[server_round].train = results
         return self.inner.aggregate_train(server_round, replies)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        put_model_context(config, self.model_args, self.class_map)
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(
+            server_round, arrays, self._context(config), grid
+        )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies, results = _node_results(replies)
-        if server_round in self.rounds:
-            self.rounds[server_round].evaluate = results
         return self.inner.aggregate_evaluate(server_round, replies)
+
+    # ------------------------------------------------------------ the loop
+
+    def start(  # type: ignore[override]
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        class_map: ClassMap | None = None,
+        first_round: int = 1,
+        parent_version: Any = None,
+    ) -> Result:
+        """Run ``num_rounds`` rounds starting at ``first_round`` (resume continues).
+
+        ``class_map`` is what ``initial_arrays``' head means (default: the catalog's
+        snapshot now); ``parent_version`` the version they came from, if any.
+        ``evaluate_fn`` is accepted for signature compatibility; centralised
+        evaluation is the constructor's ``evaluate_fn``, which also gets the map.
+        """
+        del evaluate_fn
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        self.class_map = class_map or self.catalog.snapshot()
+        self._check_active(self.class_map)
+        self.model_args = self.model_args.with_classes(self.class_map.num_classes)
+        self.last_version_id = parent_version
+        result = Result()
+        arrays = initial_arrays
+        t_start = time.time()
+        for server_round in range(first_round, first_round + num_rounds):
+            arrays, report = self._round(
+                grid, server_round, arrays, timeout, train_config, evaluate_config
+            )
+            result.arrays = arrays
+            if report.central:
+                result.evaluate_metrics_serverapp[server_round] = MetricRecord(
+                    dict(report.central)
+                )
+        log.info("%d rounds in %.1f s", num_rounds, time.time() - t_start)
+        return result
+
+    def _check_active(self, class_map: ClassMap) -> None:
+        if not class_map.active_indices:
+            raise NoActiveCategoryError(
+                "the catalog has no active category; add one "
+                "(`fedobj catalog add NAME`) before starting a run"
+            )
+
+    def _round(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        timeout: float,
+        train_config: ConfigRecord,
+        evaluate_config: ConfigRecord,
+    ) -> tuple[ArrayRecord, RoundReport]:
+        started = time.time()
+        arrays, rolled_back = self._follow_rollback(arrays)
+        snapshot = self.catalog.snapshot()  # once per round (contract 3)
+        self._check_active(snapshot)
+        arrays, grew_from = self._grow(arrays, snapshot)
+        report = RoundReport(
+            server_round,
+            started,
+            self.lr_fn(server_round),
+            self.class_map,
+            grew_from=grew_from,
+            rolled_back_to=rolled_back,
+        )
+        self.reports[server_round] = report
+
+        messages = list(self.configure_train(server_round, arrays, train_config, grid))
+        report.sampled = len(messages)
+        self.catalog.start_round(self.run_id, server_round, len(messages))
+        replies, report.train = node_results(
+            grid.send_and_receive(messages, timeout=timeout)
+        )
+        valid, report.rejected = validate_replies(replies, arrays)
+        for bad in report.rejected:
+            log.warning(
+                "round %d: reply from node %d rejected: %s",
+                server_round,
+                bad.node_id,
+                bad.error,
+            )
+        if len(valid) >= self.min_replies:
+            aggregated, _ = self.aggregate_train(server_round, valid)
+            if aggregated is not None:
+                arrays = aggregated
+        else:
+            log.warning(
+                "round %d: %d valid replies (< %d): the model is unchanged",
+                server_round,
+                len(valid),
+                self.min_replies,
+            )
+
+        eval_msgs = list(
+            self.configure_evaluate(server_round, arrays, evaluate_config, grid)
+        )
+        if eval_msgs:
+            eval_replies, report.evaluate = node_results(
+                grid.send_and_receive(eval_msgs, timeout=timeout)
+            )
+            ok = [m for m in eval_replies if not m.has_error()]
+            if ok:
+                self.aggregate_evaluate(server_round, ok)
+        if self.evaluate_fn is not None:
+            report.central = self.evaluate_fn(server_round, arrays, self.class_map)
+        report.version = self._register(server_round, arrays, report)
+        self._record(report, len(valid))
+        if self.on_round is not None:
+            self.on_round(report)
+        return arrays, report
+
+    # ------------------------------------------------------------ steps
+
+    def _follow_rollback(self, arrays: ArrayRecord) -> tuple[ArrayRecord, str | None]:
+        """If an admin made another version current, continue from it."""
+        current = self.catalog.current_version()
+        if current is None or current.id == self.last_version_id:
+            return arrays, None
+        if self.last_version_id is None:
+            return arrays, None  # a fresh run starts from its own initial model
+        ckpt = self.store.load_checkpoint(
+            current.checkpoint_uri, current.checkpoint_sha256
+        )
+        self.class_map = ckpt.class_map
+        self.model_args = ckpt.model_args
+        self._restore_server_state(current)
+        self.last_version_id = current.id
+        log.info(
+            "rollback honoured: continuing from version %s (run %s, round %d)",
+            current.name,
+            current.run_id,
+            current.round,
+        )
+        return ArrayRecord(ckpt.state_dict), current.name
+
+    def _grow(
+        self, arrays: ArrayRecord, snapshot: ClassMap
+    ) -> tuple[ArrayRecord, int | None]:
+        """Grow the head (and server optimizer state) when the catalog has grown."""
+        old_n, new_n = self.class_map.num_classes, snapshot.num_classes
+        self.class_map = snapshot
+        if new_n <= old_n:
+            return arrays, None
+        heads = head_keys(self.model_args)
+        grown = grow_head(
+            _numpy(arrays), heads, old_n, new_n, self.head_init, self.seed + new_n
+        )
+        for name in ("m_t", "v_t"):  # FedAdam's moments grow with zeros
+            state = getattr(self.inner, name, None)
+            if state:
+                setattr(
+                    self.inner,
+                    name,
+                    {
+                        k: grow_rows(v, new_n, "zeros") if k in heads else v
+                        for k, v in state.items()
+                    },
+                )
+        self.model_args = self.model_args.with_classes(new_n)
+        log.info(
+            "catalog grew from %d to %d classes: head grown (%s init)",
+            old_n,
+            new_n,
+            self.head_init,
+        )
+        return _record(grown), old_n
+
+    def _server_state(self) -> bytes | None:
+        state = {
+            f"{name}/{k}": v
+            for name in ("m_t", "v_t")
+            for k, v in (getattr(self.inner, name, None) or {}).items()
+        }
+        if not state:
+            return None
+        buf = io.BytesIO()
+        np.savez(buf, **state)  # type: ignore[arg-type]
+        return buf.getvalue()
+
+    def _restore_server_state(self, version: VersionRecord) -> None:
+        for name in ("m_t", "v_t"):
+            if hasattr(self.inner, name):
+                setattr(self.inner, name, None)
+        if not version.server_state_uri or not hasattr(self.inner, "m_t"):
+            return
+        sha = str(version.provenance.get("server_state_sha256", ""))
+        data = self.store.read_verified(version.server_state_uri, sha)
+        with np.load(io.BytesIO(data)) as npz:
+            for name in ("m_t", "v_t"):
+                setattr(
+                    self.inner,
+                    name,
+                    {
+                        k.split("/", 1)[1]: npz[k]
+                        for k in npz.files
+                        if k.startswith(name + "/")
+                    },
+                )
+
+    def _register(
+        self, server_round: int, arrays: ArrayRecord, report: RoundReport
+    ) -> VersionRecord:
+        key = f"{self.run_id}/round-{server_round:03d}"
+        metrics = dict(report.central)
+        ckpt = Checkpoint(
+            self.model_args,
+            self.class_map,
+            arrays.to_torch_state_dict(),
+            round=server_round,
+            metrics=metrics,
+            extra={"run_id": self.run_id},
+        )
+        art = self.store.save_checkpoint(f"{key}.pt", ckpt)
+        provenance = dict(self.provenance)
+        state_uri = None
+        state = self._server_state()
+        if state is not None:
+            state_art = self.store.put_bytes(f"{key}.server.npz", state)
+            state_uri = state_art.uri
+            provenance["server_state_sha256"] = state_art.sha256
+        make_current = True
+        if self.promote == "best" and report.grew_from is None:
+            best = self.catalog.best_version(self.class_map)
+            acc = metrics.get("accuracy")
+            make_current = (
+                best is None
+                or best.accuracy is None
+                or (acc is not None and acc >= best.accuracy)
+            )
+        version = self.catalog.register_version(
+            run_id=self.run_id,
+            round=server_round,
+            class_map=self.class_map,
+            metrics=metrics,
+            checkpoint_uri=art.uri,
+            checkpoint_sha256=art.sha256,
+            size_bytes=art.size,
+            provenance=provenance,
+            parent=self.last_version_id,
+            make_current=make_current,
+            server_state_uri=state_uri,
+        )
+        if version.is_current:
+            self.last_version_id = version.id
+        return version
+
+    def _record(self, report: RoundReport, replied: int) -> None:
+        r = report.server_round
+        for kind, results in (("train", report.train), ("evaluate", report.evaluate)):
+            rejected = {b.node_id: b.error for b in report.rejected}
+            for n in results:
+                m = n.metrics
+                error = n.error or (
+                    rejected.get(n.node_id) if kind == "train" else None
+                )
+                self.catalog.record_node_round(
+                    self.run_id,
+                    r,
+                    n.node_id,
+                    kind,
+                    num_examples=int(m.get(keys.NUM_EXAMPLES, 0)),
+                    loss=m.get(keys.TRAIN_LOSS if kind == "train" else keys.EVAL_LOSS),
+                    accuracy=m.get(
+                        keys.TRAIN_ACCURACY if kind == "train" else keys.EVAL_ACCURACY
+                    ),
+                    error=error,
+                )
+                if kind == "train" and n.error is None:
+                    self.catalog.upsert_node(
+                        n.node_id, samples=int(m.get(keys.NUM_EXAMPLES, 0))
+                    )
+        self.catalog.finish_round(
+            self.run_id,
+            r,
+            replied=replied,
+            rejected=len(report.rejected),
+            accuracy=report.central.get("accuracy"),
+            loss=report.central.get("loss"),
+        )

@@ -31,7 +31,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
 app.add_typer(link_app, name="superlink")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(exc: Exception) -> typer.Exit:

@@ -16,6 +16,7 @@ from typing import Any
 from fedobj.data.partition import PARTITIONERS
 from fedobj.errors import ConfigError
 from fedobj.model.factory import MODEL_NAMES, NORMS
+from fedobj.model.growth import HEAD_INITS
 from fedobj.train import lr_for_round
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
@@ -37,7 +38,7 @@ class RunConfig:
     in_channels: int = 1
     local_epochs: int = 1
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.03
     lr_schedule: str = "cosine"
     lr_schedule_rounds: int = 0
     lr_decay: float = 0.95
@@ -58,6 +59,14 @@ class RunConfig:
     client_threads: int = 1
     central_eval: bool = True
     round_timeout: float = 600.0
+    database_url: str = ""
+    registry_uri: str = ""
+    initial_categories: int = 10
+    head_init: str = "mean"
+    promote: str = "latest"
+    resume: bool = False
+    allow_concurrent_runs: bool = False
+    lease_ttl: float = 1800.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, rule: str) -> None:
@@ -99,6 +108,14 @@ class RunConfig:
         need(0 <= self.eval_fraction < 1, "eval-fraction", "must be in [0, 1)")
         need(self.client_threads >= 1, "client-threads", "must be >= 1")
         need(self.round_timeout > 0, "round-timeout", "must be > 0")
+        need(
+            0 <= self.initial_categories <= 10,
+            "initial-categories",
+            "must be in 0..10 (Fashion-MNIST names seeded into an empty catalog)",
+        )
+        need(self.head_init in HEAD_INITS, "head-init", f"must be one of {HEAD_INITS}")
+        need(self.promote in ("latest", "best"), "promote", "must be latest or best")
+        need(self.lease_ttl > 0, "lease-ttl", "must be > 0")
         for key in ("dataset-dir", "outputs-dir", "pretrained-path"):
             value = getattr(self, key.replace("-", "_"))
             need(

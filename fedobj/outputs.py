@@ -125,9 +125,6 @@ class RunOutputs:
             pass  # a read-only or symlink-less filesystem only loses the shortcut
         return cls(root, run_id)
 
-    def checkpoint_path(self, server_round: int) -> Path:
-        return self.root / f"round-{server_round:03d}.pt"
-
     def write_run_info(self, info: dict[str, Any]) -> None:
         write_json_atomic(self.root / "run.json", info)
 

@@ -90,7 +90,7 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
 class TrainConfig:
     epochs: int = 1
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 5e-4
     proximal_mu: float = 0.0

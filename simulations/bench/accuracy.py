@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=10)
     ap.add_argument("--run-config", default="", help="extra run-config overrides")
     args = ap.parse_args()
+    # SIGTERM (and SIGINT, ignored in background jobs) must still run the cleanup below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     with tempfile.TemporaryDirectory(prefix="fedobj-bench-") as tmp:
         link = LocalSuperLink(

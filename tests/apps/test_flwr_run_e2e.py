@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from fedobj.catalog import SyncCatalog
 from fedobj.model import load_checkpoint
 from fedobj.superlink import LocalSuperLink, _alive, descendants
 from tests.conftest import FIXTURE_FMNIST, ROOT, free_port
@@ -92,9 +93,12 @@ def test_flwr_run_learns_and_writes_outputs(superlink) -> None:
     ckpt = load_checkpoint(run_dir / "round-003.pt")
     assert ckpt.class_map.num_classes == 10 and ckpt.round == 3
     assert ckpt.model_args.norm == "group"
-    assert ckpt.metrics["central_accuracy"] == pytest.approx(
-        summary["final_central_accuracy"]
-    )
+    assert ckpt.metrics["accuracy"] == pytest.approx(summary["final_central_accuracy"])
+    catalog = SyncCatalog(outputs / "catalog.db")
+    versions = [v for v in catalog.list_versions() if v.run_id == run_dir.name]
+    assert sorted(v.round for v in versions) == [1, 2, 3]
+    assert catalog.current_version().checkpoint_uri == str(run_dir / "round-003.pt")
+    assert summary["final_checkpoint"] == str(run_dir / "round-003.pt")
     info = json.loads((run_dir / "run.json").read_text())
     assert info["run_config"]["num-server-rounds"] == 3 and info["seed"] == 42
     assert info["packages"]["flwr"] == "1.41.0" and info["code_revision"]

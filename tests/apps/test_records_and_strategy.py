@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, ConfigRecord
 
 from apps.records import (
     get_model_context,
@@ -16,12 +14,11 @@ from apps.records import (
     model_to_arrays,
     put_model_context,
 )
-from apps.strategy import RunStrategy, make_inner_strategy
+from apps.strategy import make_inner_strategy
 from fedobj import keys
 from fedobj.config import RunConfig
 from fedobj.data.categories import fashion_mnist_class_map
 from fedobj.model import ModelArgs, build_model
-from tests.apps.helpers import error_reply, reply, set_task_identity
 
 
 class FakeGrid:
@@ -71,44 +68,3 @@ def test_make_inner_strategy_by_name() -> None:
         inner = make_inner_strategy(RunConfig(strategy=name, min_nodes=3))
         assert type(inner).__name__.lower() == name
         assert inner.min_available_nodes == 3
-
-
-def test_run_strategy_sends_class_map_lr_and_records_nodes() -> None:
-    set_task_identity()
-    args, cm = ModelArgs("cnn", 10), fashion_mnist_class_map()
-    strategy = RunStrategy(
-        FedAvg(min_available_nodes=2, min_train_nodes=2),
-        args,
-        cm,
-        lr_fn=lambda r: 0.1 / r,
-    )
-    arrays = ArrayRecord([np.zeros(3, np.float32)])
-    msgs = list(strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid([11, 12])))
-    assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]
-    config = msgs[0].content.config_records[keys.CONFIG]
-    assert config[keys.LR] == pytest.approx(0.05)
-    assert get_model_context(config) == (args, cm)
-
-    def ok(node: int, value: float, n: int) -> object:
-        return reply(
-            node,
-            RecordDict(
-                {
-                    keys.ARRAYS: ArrayRecord([np.full(3, value, np.float32)]),
-                    keys.METRICS: MetricRecord(
-                        {keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: value}
-                    ),
-                }
-            ),
-        )
-
-    agg, _ = strategy.aggregate_train(
-        2, [ok(11, 1.0, 1), ok(12, 4.0, 3), error_reply(13, "out of memory")]
-    )
-    assert agg is not None
-    np.testing.assert_allclose(agg.to_numpy_ndarrays()[0], [3.25] * 3)
-    rec = strategy.rounds[2]
-    assert rec.sampled == 2 and rec.lr == pytest.approx(0.05)
-    by_node = {n.node_id: n for n in rec.train}
-    assert by_node[12].metrics[keys.TRAIN_LOSS] == 4.0
-    assert by_node[13].error == "out of memory"

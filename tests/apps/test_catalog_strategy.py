@@ -1,0 +1,286 @@
+"""CatalogStrategy's round loop with a scripted Grid and a real SQLite catalog.
+
+The Grid hands back replies built by hand (as a ClientApp would send them), so the
+contracts are checked exactly: growth between rounds keeps old rows, bad replies
+never reach aggregation, every round leaves a version, a rollback is honoured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg
+
+from apps.records import get_model_context
+from apps.strategy import CatalogStrategy, NoActiveCategoryError
+from fedobj import keys
+from fedobj.catalog import SyncCatalog
+from fedobj.data.categories import FASHION_MNIST_NAMES
+from fedobj.model import ModelArgs, build_model
+from fedobj.registry import ArtifactStore
+from tests.apps.helpers import error_reply, set_task_identity
+
+Behaviour = Callable[[int, int, Message], Message]
+HEAD_W, HEAD_B = "classifier.weight", "classifier.bias"
+
+
+class ScriptedGrid:
+    """Nodes 11, 12, 13; ``train`` builds each node's reply; hooks run per round."""
+
+    def __init__(self, train: Behaviour) -> None:
+        self.node_ids = [11, 12, 13]
+        self.train = train
+        self.sent: dict[int, list[Message]] = {}
+        self.after_round: dict[int, Callable[[], None]] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001
+        messages = list(messages)
+        out = []
+        for msg in messages:
+            config = msg.content.config_records[keys.CONFIG]
+            rnd = int(config[keys.SERVER_ROUND])
+            node = msg.metadata.dst_node_id
+            if msg.metadata.message_type == MessageType.TRAIN:
+                self.sent.setdefault(rnd, []).append(msg)
+                out.append(self.train(rnd, node, msg))
+            else:
+                metrics = MetricRecord(
+                    {keys.NUM_EXAMPLES: 5, keys.EVAL_LOSS: 1.0, keys.EVAL_ACCURACY: 0.5}
+                )
+                out.append(Message(RecordDict({keys.METRICS: metrics}), reply_to=msg))
+                if (
+                    rnd in self.after_round
+                    and node == messages[-1].metadata.dst_node_id
+                ):
+                    self.after_round.pop(rnd)()
+        return out
+
+
+def plus(delta: float, n: int = 10) -> Behaviour:
+    """Every node returns the broadcast arrays + ``delta`` with ``n`` examples."""
+
+    def reply(rnd: int, node: int, msg: Message) -> Message:
+        arrays = msg.content.array_records[keys.ARRAYS]
+        new = {
+            k: v.numpy() + np.asarray(delta, v.numpy().dtype) for k, v in arrays.items()
+        }
+        content = RecordDict(
+            {
+                keys.ARRAYS: _rec(new),
+                keys.METRICS: MetricRecord(
+                    {
+                        keys.NUM_EXAMPLES: n,
+                        keys.TRAIN_LOSS: 1.0,
+                        keys.TRAIN_ACCURACY: 0.5,
+                    }
+                ),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    return reply
+
+
+def _rec(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    from flwr.app import Array
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    set_task_identity()
+    catalog = SyncCatalog(tmp_path / "catalog.db")
+    catalog.migrate()
+    catalog.seed_categories(FASHION_MNIST_NAMES[:6])
+    store = ArtifactStore(tmp_path / "registry")
+    args = ModelArgs("cnn", 6)
+    initial = ArrayRecord(build_model(args).state_dict())
+    return catalog, store, args, initial
+
+
+def make(inner, catalog, store, args, **kw) -> CatalogStrategy:  # noqa: ANN001
+    return CatalogStrategy(
+        inner,
+        catalog=catalog,
+        store=store,
+        model_args=args,
+        run_id="run-1",
+        lr_fn=lambda r: 0.1,
+        **kw,
+    )
+
+
+def test_every_round_leaves_a_version_and_a_round_row(setup) -> None:
+    catalog, store, args, initial = setup
+    strategy = make(
+        FedAvg(min_available_nodes=3, min_train_nodes=3),
+        catalog,
+        store,
+        args,
+        evaluate_fn=lambda r, a, cm: {"accuracy": 0.1 * r},
+    )
+    grid = ScriptedGrid(plus(1.0))
+    result = strategy.start(grid, initial, num_rounds=2)
+    versions = sorted(catalog.list_versions(), key=lambda v: v.round)
+    assert [v.round for v in versions] == [1, 2]
+    assert versions[1].parent_id == versions[0].id and versions[1].is_current
+    assert versions[1].metrics["accuracy"] == pytest.approx(0.2)
+    ck = store.load_checkpoint(
+        versions[1].checkpoint_uri, versions[1].checkpoint_sha256
+    )
+    assert ck.class_map.num_classes == 6 and ck.round == 2
+    w0 = initial[HEAD_W].numpy()
+    np.testing.assert_allclose(ck.state_dict[HEAD_W].numpy(), w0 + 2.0, rtol=1e-6)
+    rounds = catalog.rounds("run-1")
+    assert [(r.round, r.status, r.nodes_replied) for r in rounds] == [
+        (1, "completed", 3),
+        (2, "completed", 3),
+    ]
+    assert result.arrays is not None
+    config = grid.sent[1][0].content.config_records[keys.CONFIG]
+    margs, cmap = get_model_context(config)
+    assert margs.num_classes == 6 and cmap.num_classes == 6 and config[keys.LR] == 0.1
+
+
+def test_growth_between_rounds_keeps_old_rows_and_rejects_stale_replies(setup) -> None:
+    catalog, store, args, initial = setup
+
+    def behaviour(rnd: int, node: int, msg: Message) -> Message:
+        reply = plus(1.0)(rnd, node, msg)
+        if rnd == 2 and node == 13:  # a node still sending the pre-growth head
+            stale = {
+                k: v.numpy()
+                for k, v in reply.content.array_records[keys.ARRAYS].items()
+            }
+            stale[HEAD_W], stale[HEAD_B] = stale[HEAD_W][:6], stale[HEAD_B][:6]
+            reply.content.array_records[keys.ARRAYS] = _rec(stale)
+        return reply
+
+    grid = ScriptedGrid(behaviour)
+    grid.after_round[1] = lambda: [
+        catalog.add_category(n) for n in FASHION_MNIST_NAMES[6:]
+    ]
+    strategy = make(
+        FedAvg(min_available_nodes=3, min_train_nodes=3),
+        catalog,
+        store,
+        args,
+        head_init="mean",
+    )
+    strategy.start(grid, initial, num_rounds=2)
+
+    v1 = [v for v in catalog.list_versions() if v.round == 1][0]
+    after_r1 = store.load_checkpoint(v1.checkpoint_uri, v1.checkpoint_sha256)
+    sent_r2 = grid.sent[2][0].content.array_records[keys.ARRAYS][HEAD_W].numpy()
+    assert sent_r2.shape[0] == 10
+    # old rows are bit-identical to the round-1 model (contract 4)
+    np.testing.assert_array_equal(sent_r2[:6], after_r1.state_dict[HEAD_W].numpy())
+    margs, cmap = get_model_context(grid.sent[2][0].content.config_records[keys.CONFIG])
+    assert margs.num_classes == 10 and cmap.num_classes == 10
+    report = strategy.reports[2]
+    assert report.grew_from == 6
+    assert [b.node_id for b in report.rejected] == [13]
+    assert "classifier.weight has shape (6, 128)" in report.rejected[0].error
+    rnd2 = [r for r in catalog.rounds("run-1") if r.round == 2][0]
+    assert rnd2.nodes_replied == 2 and rnd2.nodes_rejected == 1
+    final = catalog.current_version()
+    assert final is not None and final.class_map.num_classes == 10
+    ck = store.load_checkpoint(final.checkpoint_uri, final.checkpoint_sha256)
+    assert ck.state_dict[HEAD_W].shape[0] == 10 and ck.model_args.num_classes == 10
+
+
+@pytest.mark.parametrize("bad", ["nan", "zero-examples", "error"])
+def test_invalid_replies_are_dropped_before_aggregation(setup, bad: str) -> None:
+    catalog, store, args, initial = setup
+
+    def behaviour(rnd: int, node: int, msg: Message) -> Message:
+        if node != 12:
+            return plus(1.0)(rnd, node, msg)
+        if bad == "error":
+            return error_reply(12, "ClientApp crashed")
+        if bad == "zero-examples":
+            return plus(100.0, n=0)(rnd, node, msg)
+        return plus(float("nan"))(rnd, node, msg)
+
+    strategy = make(
+        FedAvg(min_available_nodes=3, min_train_nodes=3), catalog, store, args
+    )
+    result = strategy.start(ScriptedGrid(behaviour), initial, num_rounds=1)
+    assert result.arrays is not None
+    np.testing.assert_allclose(
+        result.arrays[HEAD_W].numpy(), initial[HEAD_W].numpy() + 1.0, rtol=1e-6
+    )
+    assert [b.node_id for b in strategy.reports[1].rejected] == [12]
+
+
+def test_rollback_during_a_run_is_honoured_next_round(setup) -> None:
+    catalog, store, args, initial = setup
+    grid = ScriptedGrid(plus(1.0))
+
+    strategy = make(
+        FedAvg(min_available_nodes=3, min_train_nodes=3), catalog, store, args
+    )
+    strategy.start(grid, initial, num_rounds=2)  # rounds 1, 2
+    v1 = [v for v in catalog.list_versions() if v.round == 1][0]
+    catalog.set_current(v1.id)
+    strategy.start(
+        grid,
+        ArrayRecord(build_model(args).state_dict()),
+        num_rounds=1,
+        first_round=3,
+        parent_version=[v for v in catalog.list_versions() if v.round == 2][0].id,
+    )
+    sent_r3 = grid.sent[3][0].content.array_records[keys.ARRAYS][HEAD_W].numpy()
+    np.testing.assert_allclose(sent_r3, initial[HEAD_W].numpy() + 1.0, rtol=1e-6)
+    v3 = [v for v in catalog.list_versions() if v.round == 3][0]
+    assert v3.parent_id == v1.id and v3.is_current
+    assert strategy.reports[3].rolled_back_to == v1.name
+
+
+def test_fedadam_moments_grow_with_the_head(setup) -> None:
+    catalog, store, args, initial = setup
+    inner = FedAdam(min_available_nodes=3, min_train_nodes=3, eta=0.01)
+    grid = ScriptedGrid(plus(1.0))
+    grid.after_round[1] = lambda: catalog.add_category("Sneaker")
+    strategy = make(inner, catalog, store, args)
+    strategy.start(grid, initial, num_rounds=1)
+    m_before = inner.m_t[HEAD_W].copy()
+    strategy.start(
+        grid,
+        strategy_arrays(catalog, store),
+        num_rounds=1,
+        first_round=2,
+        class_map=strategy.class_map.__class__(
+            tuple(e for e in catalog.snapshot().entries if e.index < 6)
+        ),
+        parent_version=catalog.current_version().id,
+    )
+    assert inner.m_t[HEAD_W].shape[0] == 7
+    assert inner.v_t[HEAD_W].shape[0] == 7
+    # the old rows' moments carried on (they were updated once more in round 2)
+    assert not np.array_equal(inner.m_t[HEAD_W][:6], m_before)
+    v2 = catalog.current_version()
+    assert v2.server_state_uri is not None
+
+
+def strategy_arrays(catalog: SyncCatalog, store: ArtifactStore) -> ArrayRecord:
+    v = catalog.current_version()
+    ck = store.load_checkpoint(v.checkpoint_uri, v.checkpoint_sha256)
+    return ArrayRecord(ck.state_dict)
+
+
+def test_no_active_category_refuses_to_start(setup) -> None:
+    catalog, store, args, initial = setup
+    for c in catalog.list_categories():
+        catalog.deactivate_category(c.id)
+    strategy = make(FedAvg(), catalog, store, args)
+    with pytest.raises(NoActiveCategoryError, match="no active category"):
+        strategy.start(ScriptedGrid(plus(1.0)), initial, num_rounds=1)
