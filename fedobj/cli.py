@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.table import Table
 
 from fedobj.errors import FedObjError
 from fedobj.superlink import LocalSuperLink
+
+if TYPE_CHECKING:
+    from fedobj.catalog import SyncCatalog
 
 app = typer.Typer(
     help="fedobj: federated image classification whose categories grow.",
@@ -203,6 +206,162 @@ def superlink_stop(
                 "started itself?); find it with `pgrep -af flower-superlink`"
             )
         )
+
+
+# ---------------------------------------------------------------- catalog, versions
+
+catalog_app = typer.Typer(
+    help="Object categories (the classifier's rows).", no_args_is_help=True
+)
+versions_app = typer.Typer(
+    help="Model versions: list, show, roll back.", no_args_is_help=True
+)
+app.add_typer(catalog_app, name="catalog")
+app.add_typer(versions_app, name="versions")
+DbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="catalog URL or SQLite path; default "
+        "$FEDOBJ_DATABASE_URL, else <outputs>/catalog.db",
+    ),
+]
+
+
+def _catalog(db: str | None) -> SyncCatalog:
+    from fedobj.catalog import SyncCatalog
+
+    catalog = SyncCatalog(db, default_path=_outputs_dir(None) / "catalog.db")
+    try:
+        catalog.migrate()
+    except FedObjError as exc:
+        raise _fail(exc) from exc
+    return catalog
+
+
+@catalog_app.command("add")
+def catalog_add(
+    name: Annotated[str, typer.Argument(help='display name, e.g. "Ankle boot"')],
+    description: Annotated[str, typer.Option(help="free text")] = "",
+    db: DbOpt = None,
+) -> None:
+    """Add a category; running federations grow their head from the next round."""
+    try:
+        c = _catalog(db).add_category(name, description)
+    except FedObjError as exc:
+        raise _fail(exc) from exc
+    console.print(f"added {c.name!r} (folder {c.slug!r}) as class {c.class_index}")
+
+
+@catalog_app.command("list")
+def catalog_list(
+    all_: Annotated[bool, typer.Option("--all", help="include inactive")] = False,
+    db: DbOpt = None,
+) -> None:
+    """Categories with their class index, folder slug and reported samples."""
+    rows = _catalog(db).list_categories(active=None if all_ else True, limit=10_000)
+    table = Table()
+    for col in ("index", "name", "folder", "active", "samples"):
+        table.add_column(col)
+    for c in rows:
+        table.add_row(
+            str(c.class_index),
+            c.name,
+            c.slug,
+            "yes" if c.is_active else "no",
+            str(c.sample_count),
+        )
+    console.print(table)
+
+
+@catalog_app.command("deactivate")
+def catalog_deactivate(
+    key: Annotated[str, typer.Argument(help="name, slug, id or class index")],
+    db: DbOpt = None,
+) -> None:
+    """Mask a category: its row stays, its index is never reused (contract 9)."""
+    try:
+        lookup: str | int = int(key) if key.isdigit() else key
+        c = _catalog(db).deactivate_category(lookup)
+    except FedObjError as exc:
+        raise _fail(exc) from exc
+    console.print(f"deactivated {c.name!r} (class {c.class_index})")
+
+
+@versions_app.command("list")
+def versions_list(
+    run: Annotated[str | None, typer.Option(help="only this run")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Versions, newest first; the current one is marked."""
+    rows = _catalog(db).list_versions(run_id=run, limit=10_000)
+    table = Table()
+    for col in ("", "version", "run", "round", "classes", "accuracy", "created"):
+        table.add_column(col)
+    for v in sorted(rows, key=lambda v: v.number, reverse=True):
+        table.add_row(
+            "*" if v.is_current else "",
+            v.name,
+            v.run_id,
+            str(v.round),
+            str(v.class_map.num_classes),
+            "" if v.accuracy is None else f"{v.accuracy:.4f}",
+            v.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    console.print(table)
+
+
+@versions_app.command("show")
+def versions_show(
+    version: Annotated[str, typer.Argument(help="name (v0003) or id")] = "current",
+    db: DbOpt = None,
+) -> None:
+    """One version's metrics, class map, artifacts and provenance, as JSON."""
+    catalog = _catalog(db)
+    try:
+        v = (
+            catalog.current_version()
+            if version == "current"
+            else (catalog.get_version(version))
+        )
+    except FedObjError as exc:
+        raise _fail(exc) from exc
+    if v is None:
+        raise _fail(FileNotFoundError("no version yet"))
+    print(
+        json.dumps(
+            {
+                "id": str(v.id),
+                "name": v.name,
+                "current": v.is_current,
+                "run_id": v.run_id,
+                "round": v.round,
+                "parent_id": str(v.parent_id) if v.parent_id else None,
+                "metrics": v.metrics,
+                "class_map": v.class_map.to_dict(),
+                "checkpoint_uri": v.checkpoint_uri,
+                "checkpoint_sha256": v.checkpoint_sha256,
+                "size_bytes": v.size_bytes,
+                "provenance": v.provenance,
+                "created_at": v.created_at.isoformat(),
+            },
+            indent=2,
+            default=str,
+        )
+    )
+
+
+@versions_app.command("rollback")
+def versions_rollback(
+    version: Annotated[str, typer.Argument(help="name (v0003) or id")],
+    db: DbOpt = None,
+) -> None:
+    """Make an older version current; a running run continues from it next round."""
+    try:
+        v = _catalog(db).set_current(version)
+    except FedObjError as exc:
+        raise _fail(exc) from exc
+    console.print(f"{v.name} (run {v.run_id}, round {v.round}) is now current")
 
 
 def main() -> None:

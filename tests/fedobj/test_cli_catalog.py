@@ -1,0 +1,58 @@
+"""`fedobj catalog …` and `fedobj versions …` against a real SQLite catalog."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from fedobj.catalog import SyncCatalog
+from fedobj.cli import app
+from fedobj.data.categories import fashion_mnist_class_map
+
+runner = CliRunner()
+
+
+def test_catalog_commands(tmp_path: Path) -> None:
+    db = str(tmp_path / "c.db")
+    out = runner.invoke(app, ["catalog", "add", "Ankle boot", "--db", db])
+    assert out.exit_code == 0 and "'ankle-boot') as class 0" in out.output, out.output
+    runner.invoke(app, ["catalog", "add", "Bag", "--db", db])
+    dup = runner.invoke(app, ["catalog", "add", "  ANKLE BOOT ", "--db", db])
+    assert dup.exit_code == 2 and "error" in dup.output
+    off = runner.invoke(app, ["catalog", "deactivate", "0", "--db", db])
+    assert off.exit_code == 0 and "class 0" in off.output
+    listed = runner.invoke(app, ["catalog", "list", "--db", db])
+    assert "bag" in listed.output and "ankle-boot" not in listed.output
+    everything = runner.invoke(app, ["catalog", "list", "--all", "--db", db])
+    assert "ankle-boot" in everything.output
+    missing = runner.invoke(app, ["catalog", "deactivate", "nope", "--db", db])
+    assert missing.exit_code == 2
+
+
+def test_versions_commands(tmp_path: Path) -> None:
+    db = str(tmp_path / "c.db")
+    catalog = SyncCatalog(db)
+    catalog.migrate()
+    cm = fashion_mnist_class_map()
+    for r in (1, 2):
+        catalog.register_version(
+            run_id="r1",
+            round=r,
+            class_map=cm,
+            metrics={"accuracy": 0.5 + r / 10},
+            checkpoint_uri=f"/x/{r}.pt",
+            checkpoint_sha256="0" * 64,
+        )
+    listed = runner.invoke(app, ["versions", "list", "--db", db])
+    assert (
+        listed.exit_code == 0 and "v0002" in listed.output and "0.7000" in listed.output
+    )
+    back = runner.invoke(app, ["versions", "rollback", "v0001", "--db", db])
+    assert back.exit_code == 0 and "v0001" in back.output
+    shown = json.loads(runner.invoke(app, ["versions", "show", "--db", db]).output)
+    assert shown["name"] == "v0001" and shown["current"] is True
+    assert len(shown["class_map"]) == 10
+    bad = runner.invoke(app, ["versions", "rollback", "v0099", "--db", db])
+    assert bad.exit_code == 2 and "v0099" in bad.output
