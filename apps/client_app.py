@@ -10,7 +10,7 @@ import functools
 import logging
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from apps.records import get_model_context, load_arrays, model_to_arrays
@@ -95,7 +95,14 @@ def train_fn(msg: Message, context: Context) -> Message:
             keys.IGNORED_EXAMPLES: sum(train_data.ignored.values()),
         }
     )
-    content = RecordDict({keys.ARRAYS: model_to_arrays(model), keys.METRICS: metrics})
+    content = RecordDict(
+        {
+            keys.ARRAYS: model_to_arrays(model),
+            keys.METRICS: metrics,
+            keys.LABEL_HISTOGRAM: ConfigRecord(dict(train_data.histogram)),
+            keys.IGNORED_LABELS: ConfigRecord(dict(train_data.ignored)),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 

@@ -50,6 +50,7 @@ class NodeResult:
     node_id: int
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    labels: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,7 +106,13 @@ def node_results(replies: Iterable[Message]) -> tuple[list[Message], list[NodeRe
             for k, v in record.items():
                 if isinstance(v, (int, float)):
                     values[k] = float(v)
-        out.append(NodeResult(node, values))
+        hist = msg.content.config_records.get(keys.LABEL_HISTOGRAM)
+        labels = (
+            {str(k): int(v) for k, v in hist.items() if isinstance(v, int)}
+            if hist is not None
+            else {}
+        )
+        out.append(NodeResult(node, values, labels=labels))
     return replies, out
 
 
@@ -210,6 +217,7 @@ class CatalogStrategy(Strategy):
         self.class_map = ClassMap()
         self.last_version_id: Any = None
         self.reports: dict[int, RoundReport] = {}
+        self.counted_nodes: set[int] = set()
 
     # ------------------------------------------------------------ Flower's hooks
 
@@ -506,6 +514,20 @@ class CatalogStrategy(Strategy):
             self.last_version_id = version.id
         return version
 
+    def _node_seen(self, n: NodeResult) -> None:
+        """Keep ``Node`` rows and categories' ``sample_count`` real.
+
+        A node's label histogram is added to the categories' counts once per run
+        (the first time it replies), so repeated rounds do not inflate them.
+        """
+        samples = sum(n.labels.values()) or int(n.metrics.get(keys.NUM_EXAMPLES, 0))
+        self.catalog.upsert_node(
+            n.node_id, samples=samples, label_names=sorted(n.labels)
+        )
+        if n.labels and n.node_id not in self.counted_nodes:
+            self.catalog.add_sample_counts(n.labels)
+            self.counted_nodes.add(n.node_id)
+
     def _record(self, report: RoundReport, replied: int) -> None:
         r = report.server_round
         for kind, results in (("train", report.train), ("evaluate", report.evaluate)):
@@ -528,9 +550,7 @@ class CatalogStrategy(Strategy):
                     error=error,
                 )
                 if kind == "train" and n.error is None:
-                    self.catalog.upsert_node(
-                        n.node_id, samples=int(m.get(keys.NUM_EXAMPLES, 0))
-                    )
+                    self._node_seen(n)
         self.catalog.finish_round(
             self.run_id,
             r,

@@ -25,6 +25,10 @@ EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 IGNORED_EXAMPLES = "ignored-examples"
 
+# ConfigRecords in a train reply (node -> server): label slug -> image count.
+LABEL_HISTOGRAM = "label-histogram"  # images used, per category slug
+IGNORED_LABELS = "ignored-labels"  # images skipped: slug not (or not active) in map
+
 # Node config keys (set per SuperNode with --node-config, or by the simulation).
 NODE_DATA_DIR = "data-dir"
 NODE_CACHE_DIR = "cache-dir"

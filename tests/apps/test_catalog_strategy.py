@@ -12,7 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from apps.records import get_model_context
@@ -74,6 +81,7 @@ def plus(delta: float, n: int = 10) -> Behaviour:
         content = RecordDict(
             {
                 keys.ARRAYS: _rec(new),
+                keys.LABEL_HISTOGRAM: ConfigRecord({"t-shirt-top": n}),
                 keys.METRICS: MetricRecord(
                     {
                         keys.NUM_EXAMPLES: n,
@@ -145,6 +153,11 @@ def test_every_round_leaves_a_version_and_a_round_row(setup) -> None:
         (2, "completed", 3),
     ]
     assert result.arrays is not None
+    # each node's label histogram counts once per run, not once per round
+    assert catalog.get_category("t-shirt-top").sample_count == 30
+    nodes = catalog.list_nodes()
+    assert sorted(n.node_id for n in nodes) == ["11", "12", "13"]
+    assert all(n.label_names == ["t-shirt-top"] and n.samples == 10 for n in nodes)
     config = grid.sent[1][0].content.config_records[keys.CONFIG]
     margs, cmap = get_model_context(config)
     assert margs.num_classes == 6 and cmap.num_classes == 6 and config[keys.LR] == 0.1
