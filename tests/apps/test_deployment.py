@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,14 @@ def _env(home: Path, outputs: Path) -> dict[str, str]:
         FEDOBJ_FASHION_MNIST_DIR=str(FIXTURE_FMNIST),
     )
     return env
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -76,7 +85,7 @@ def test_superlink_and_two_supernodes_train_from_image_folders(tmp_path: Path) -
     port, control = free_port(), free_port()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "deploy"\n\n'
-        f'[superlink.deploy]\naddress = "127.0.0.1:{control}"\ninsecure = true\n'
+        f'[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     devices = []
     for i in range(2):
@@ -104,7 +113,10 @@ def test_superlink_and_two_supernodes_train_from_image_folders(tmp_path: Path) -
         )
     ]
     try:
-        time.sleep(3)
+        deadline = time.monotonic() + 60
+        while not _healthy(port):
+            assert time.monotonic() < deadline, (tmp_path / "superlink.log").read_text()
+            time.sleep(0.2)
         for i, root in enumerate(devices):
             node_config = f"data-dir='{root}' cache-dir='{tmp_path / f'cache{i}'}'"
             procs.append(
