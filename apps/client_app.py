@@ -73,7 +73,7 @@ def _mapped(data: ImageArrays, class_map: ClassMap) -> MappedData:
 def train_fn(msg: Message, context: Context) -> Message:
     cfg, _args, class_map, model = _prepare(msg, context)
     config = msg.content.config_records[keys.CONFIG]
-    train_data, _ = _node_data(cfg, _args, context, class_map)
+    train_data, eval_data = _node_data(cfg, _args, context, class_map)
     server_round = int(config.get(keys.SERVER_ROUND, 1))
     tcfg = TrainConfig(
         epochs=cfg.local_epochs,
@@ -86,6 +86,7 @@ def train_fn(msg: Message, context: Context) -> Message:
         seed=cfg.seed * 100_003 + server_round * 1009 + context.node_id % 1000,
     )
     result = train(model, train_data.tensors, tcfg, class_map.active_indices)
+    local = evaluate(model, eval_data.tensors, class_map.active_indices)
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: len(train_data.tensors),
@@ -95,6 +96,8 @@ def train_fn(msg: Message, context: Context) -> Message:
             keys.IGNORED_EXAMPLES: sum(train_data.ignored.values()),
         }
     )
+    if local.num_examples:  # PerfFedAvg weighs nodes by it
+        metrics[keys.LOCAL_ACCURACY] = local.accuracy
     content = RecordDict(
         {
             keys.ARRAYS: model_to_arrays(model),

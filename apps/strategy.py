@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Result, Strategy
 
+from apps.perffedavg import PerfFedAvg
 from apps.records import put_model_context
 from fedobj import keys
 from fedobj.aggregation import validate_update
@@ -89,6 +90,8 @@ def make_inner_strategy(cfg: RunConfig) -> FedAvg:
         return FedProx(**common, proximal_mu=cfg.proximal_mu)
     if cfg.strategy == "fedadam":
         return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)
+    if cfg.strategy == "perffedavg":
+        return PerfFedAvg(**common, perf_alpha=cfg.perf_alpha)
     raise ValueError(f"unknown strategy {cfg.strategy!r}")  # RunConfig rejects it first
 
 

@@ -19,7 +19,7 @@ from fedobj.model.factory import MODEL_NAMES, NORMS
 from fedobj.model.growth import HEAD_INITS
 from fedobj.train import lr_for_round
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "perffedavg")
 LR_SCHEDULES = ("constant", "exponential", "cosine")
 
 
@@ -48,6 +48,7 @@ class RunConfig:
     augment: bool = True
     proximal_mu: float = 0.01
     server_lr: float = 0.01
+    perf_alpha: float = 0.5
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     classes_per_node: int = 2
@@ -98,6 +99,7 @@ class RunConfig:
         need(self.weight_decay >= 0, "weight-decay", "must be >= 0")
         need(self.proximal_mu >= 0, "proximal-mu", "must be >= 0")
         need(self.server_lr > 0, "server-lr", "must be > 0")
+        need(0 <= self.perf_alpha <= 1, "perf-alpha", "must be in [0, 1]")
         need(
             self.partitioner in PARTITIONERS,
             "partitioner",

@@ -23,6 +23,7 @@ TRAIN_ACCURACY = "train-accuracy"
 TRAIN_SECONDS = "train-seconds"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
+LOCAL_ACCURACY = "local-accuracy"  # held-out accuracy of the locally trained model
 IGNORED_EXAMPLES = "ignored-examples"
 
 # ConfigRecords in a train reply (node -> server): label slug -> image count.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -19,6 +20,7 @@ from fedobj import keys
 from fedobj.config import RunConfig
 from fedobj.data.categories import fashion_mnist_class_map
 from fedobj.model import ModelArgs, build_model
+from tests.apps.helpers import set_task_identity
 
 
 class FakeGrid:
@@ -64,7 +66,42 @@ def test_model_context_round_trip_and_missing_key() -> None:
 
 
 def test_make_inner_strategy_by_name() -> None:
-    for name in ("fedavg", "fedprox", "fedadam"):
+    for name in ("fedavg", "fedprox", "fedadam", "perffedavg"):
         inner = make_inner_strategy(RunConfig(strategy=name, min_nodes=3))
         assert type(inner).__name__.lower() == name
         assert inner.min_available_nodes == 3
+
+
+def test_perffedavg_weights_replies_by_size_and_local_accuracy() -> None:
+    from flwr.app import MetricRecord, RecordDict
+
+    from apps.perffedavg import PerfFedAvg
+    from tests.apps.helpers import reply
+
+    def r(node: int, value: float, n: int, acc: float | None) -> object:
+        metrics = {keys.NUM_EXAMPLES: n}
+        if acc is not None:
+            metrics[keys.LOCAL_ACCURACY] = acc
+        return reply(
+            node,
+            RecordDict(
+                {
+                    keys.ARRAYS: ArrayRecord([np.full(2, value, np.float32)]),
+                    keys.METRICS: MetricRecord(metrics),
+                }
+            ),
+        )
+
+    set_task_identity()
+    s = PerfFedAvg(perf_alpha=0.5)
+    agg, _ = s.aggregate_train(1, [r(1, 0.0, 100, 0.5), r(2, 1.0, 300, 0.25)])
+    # weights 0.5*[.25,.75] + 0.5*[2/3,1/3] = [0.4583, 0.5417]
+    np.testing.assert_allclose(s.last_weights, [0.25 / 2 + 1 / 3, 0.75 / 2 + 1 / 6])
+    np.testing.assert_allclose(
+        agg.to_numpy_ndarrays()[0], [0.75 / 2 + 1 / 6] * 2, rtol=1e-6
+    )
+    fedavg_like = PerfFedAvg(perf_alpha=0.5)
+    agg2, _ = fedavg_like.aggregate_train(
+        1, [r(1, 0.0, 100, None), r(2, 1.0, 300, None)]
+    )
+    np.testing.assert_allclose(agg2.to_numpy_ndarrays()[0], [0.75, 0.75], rtol=1e-6)
