@@ -12,6 +12,7 @@ from fedobj.model import ModelArgs, build_model
 from fedobj.model.factory import head_keys
 from fedobj.model.growth import HEAD_INITS, grow_head
 
+
 @settings(max_examples=25, deadline=None)
 @given(
     old_n=st.integers(1, 12),
