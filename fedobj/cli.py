@@ -364,6 +364,31 @@ def versions_rollback(
     console.print(f"{v.name} (run {v.run_id}, round {v.round}) is now current")
 
 
+@versions_app.command("prune")
+def versions_prune(
+    keep: Annotated[int, typer.Option(help="newest versions to keep")] = 10,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list")] = False,
+    registry: Annotated[
+        str | None, typer.Option(help="artifact store; default the outputs folder")
+    ] = None,
+    db: DbOpt = None,
+) -> None:
+    """Delete old versions' artifacts (never the current one or a kept parent)."""
+    from fedobj.pruning import prune_versions
+    from fedobj.registry import ArtifactStore
+
+    store = ArtifactStore(registry or _outputs_dir(None))
+    try:
+        pruned = prune_versions(_catalog(db), store, keep, dry_run)
+    except (FedObjError, ValueError) as exc:
+        raise _fail(exc) from exc
+    verb = "would prune" if dry_run else "pruned"
+    console.print(
+        f"{verb} {len(pruned)} versions: "
+        + (", ".join(v.name for v in pruned) or "none")
+    )
+
+
 def main() -> None:
     app()
 

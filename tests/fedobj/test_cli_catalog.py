@@ -56,3 +56,65 @@ def test_versions_commands(tmp_path: Path) -> None:
     assert len(shown["class_map"]) == 10
     bad = runner.invoke(app, ["versions", "rollback", "v0099", "--db", db])
     assert bad.exit_code == 2 and "v0099" in bad.output
+
+
+def test_versions_prune_keeps_current_newest_and_parents(tmp_path: Path) -> None:
+    from fedobj.model import Checkpoint, ModelArgs, build_model
+    from fedobj.registry import ArtifactStore
+
+    db = str(tmp_path / "c.db")
+    catalog = SyncCatalog(db)
+    catalog.migrate()
+    store = ArtifactStore(tmp_path / "reg")
+    cm = fashion_mnist_class_map()
+    ckpt = Checkpoint(
+        ModelArgs("cnn", 10), cm, build_model(ModelArgs("cnn", 10)).state_dict()
+    )
+    parent = None
+    for r in range(1, 6):
+        art = store.save_checkpoint(f"r/{r}.pt", ckpt)
+        v = catalog.register_version(
+            run_id="r",
+            round=r,
+            class_map=cm,
+            metrics={},
+            checkpoint_uri=art.uri,
+            checkpoint_sha256=art.sha256,
+            parent=parent,
+        )
+        parent = v.id
+    catalog.set_current("v0001")
+    dry = runner.invoke(
+        app,
+        [
+            "versions",
+            "prune",
+            "--keep",
+            "2",
+            "--dry-run",
+            "--registry",
+            str(tmp_path / "reg"),
+            "--db",
+            db,
+        ],
+    )
+    assert dry.exit_code == 0 and "would prune 1 versions: v0002" in dry.output
+    done = runner.invoke(
+        app,
+        [
+            "versions",
+            "prune",
+            "--keep",
+            "2",
+            "--registry",
+            str(tmp_path / "reg"),
+            "--db",
+            db,
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    by_name = {v.name: v for v in catalog.list_versions()}
+    # kept: v0005, v0004 (newest), v0003 (parent of v0004), v0001 (current)
+    assert [n for n, v in sorted(by_name.items()) if v.pruned] == ["v0002"]
+    assert not (tmp_path / "reg" / "r" / "2.pt").exists()
+    assert (tmp_path / "reg" / "r" / "1.pt").exists()
