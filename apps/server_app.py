@@ -230,7 +230,7 @@ def _run_with_catalog(
         seed=cfg.seed,
     )
     if current is not None:
-        strategy._restore_server_state(current)
+        strategy.restore_server_state(current)
     n_nodes = wait_for_nodes(grid, cfg.min_nodes)
     log.info(
         "%d nodes connected; rounds %d..%d of %s on %s (%d classes)",

@@ -396,7 +396,7 @@ class CatalogStrategy(Strategy):
         )
         self.class_map = ckpt.class_map
         self.model_args = ckpt.model_args
-        self._restore_server_state(current)
+        self.restore_server_state(current)
         self.last_version_id = current.id
         log.info(
             "rollback honoured: continuing from version %s (run %s, round %d)",
@@ -450,7 +450,7 @@ class CatalogStrategy(Strategy):
         np.savez(buf, **state)  # type: ignore[arg-type]
         return buf.getvalue()
 
-    def _restore_server_state(self, version: VersionRecord) -> None:
+    def restore_server_state(self, version: VersionRecord) -> None:
         for name in ("m_t", "v_t"):
             if hasattr(self.inner, name):
                 setattr(self.inner, name, None)

@@ -45,7 +45,7 @@ class RunConfig:
     lr_min: float = 0.005
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    augment: bool = True
+    augment: bool = False
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     perf_alpha: float = 0.5

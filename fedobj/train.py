@@ -94,7 +94,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     proximal_mu: float = 0.0
-    augment: bool = True
+    augment: bool = False
     seed: int = 0
 
 

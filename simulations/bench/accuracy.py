@@ -29,7 +29,7 @@ from fedobj.superlink import LocalSuperLink, descendants
 ROOT = Path(__file__).resolve().parents[2]
 ROUND_LINE = re.compile(
     r"round (\d+)/(\d+): (\d+)/(\d+) nodes replied.*?train loss ([\d.na/]+), "
-    r"central accuracy ([\d.]+) \(loss ([\d.]+)\), ([\d.]+) s"
+    r"central accuracy ([\d.]+) \(loss ([\d.]+)\)(?:, version \S+)?, ([\d.]+) s"
 )
 
 
@@ -77,10 +77,12 @@ def main() -> None:
         pid = link.start()
         rss = TreeRss(pid)
         rss.start()
+        # The learning-rate schedule anneals over 20 rounds (the target's horizon);
+        # the run may go on to --rounds at the final rate.
         run_config = (
             f"num-server-rounds={args.rounds} min-nodes={args.nodes} "
             f'partitioner="dirichlet" dirichlet-alpha=0.5 model="cnn" '
-            f"local-epochs=1 {args.run_config}"
+            f"local-epochs=1 lr-schedule-rounds=20 {args.run_config}"
         )
         t0 = time.time()
         proc = subprocess.Popen(
@@ -131,6 +133,15 @@ def main() -> None:
             proc.wait()
             rss.stopped = True
             link.stop()
+        if last_round == 0:
+            print(
+                json.dumps(
+                    {
+                        "error": "no round line was parsed: did the run fail, "
+                        "or did the ServerApp's log format change?"
+                    }
+                )
+            )
         steady = round_secs[1:] or round_secs
         print(
             json.dumps(
