@@ -6,6 +6,7 @@ data (cached per process), and packs the reply.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 
@@ -84,8 +85,13 @@ def train_fn(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
         augment=cfg.augment,
         seed=cfg.seed * 100_003 + server_round * 1009 + context.node_id % 1000,
+        distill_classes=int(config.get(keys.DISTILL_CLASSES, 0)),
+        distill_weight=cfg.distill_weight,
+        distill_temperature=cfg.distill_temperature,
     )
-    result = train(model, train_data.tensors, tcfg, class_map.active_indices)
+    # the model as received is the teacher: the previous global model (LwF)
+    teacher = copy.deepcopy(model) if tcfg.distill_classes > 0 else None
+    result = train(model, train_data.tensors, tcfg, class_map.active_indices, teacher)
     local = evaluate(model, eval_data.tensors, class_map.active_indices)
     metrics = MetricRecord(
         {

@@ -228,6 +228,7 @@ def _run_with_catalog(
         on_round=on_round,
         provenance=provenance,
         seed=cfg.seed,
+        distill_rounds=cfg.distill_rounds if cfg.distill_weight > 0 else 0,
     )
     if current is not None:
         strategy.restore_server_state(current)

@@ -182,6 +182,9 @@ class CatalogStrategy(Strategy):
         Centralised evaluation ``(round, arrays, class_map) -> metrics``.
     on_round
         Called with each finished :class:`RoundReport` (outputs, logs).
+    distill_rounds
+        After a growth, for this many rounds, train messages ask nodes to distil
+        the old classes from the model they receive (``distill-classes``).
     """
 
     def __init__(
@@ -201,6 +204,7 @@ class CatalogStrategy(Strategy):
         on_round: Callable[[RoundReport], None] | None = None,
         provenance: dict[str, Any] | None = None,
         seed: int = 0,
+        distill_rounds: int = 0,
     ) -> None:
         if promote not in ("latest", "best"):
             raise ValueError(f"promote must be 'latest' or 'best', got {promote!r}")
@@ -221,6 +225,9 @@ class CatalogStrategy(Strategy):
         self.last_version_id: Any = None
         self.reports: dict[int, RoundReport] = {}
         self.counted_nodes: set[int] = set()
+        self.distill_rounds = distill_rounds
+        self.distill_classes = 0
+        self.distill_until = 0
 
     # ------------------------------------------------------------ Flower's hooks
 
@@ -241,6 +248,9 @@ class CatalogStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config[keys.LR] = self.lr_fn(server_round)
+        config[keys.DISTILL_CLASSES] = (
+            self.distill_classes if server_round <= self.distill_until else 0
+        )
         return self.inner.configure_train(
             server_round, arrays, self._context(config), grid
         )
@@ -328,6 +338,11 @@ class CatalogStrategy(Strategy):
         snapshot = self.catalog.snapshot()  # once per round (contract 3)
         self._check_active(snapshot)
         arrays, grew_from = self._grow(arrays, snapshot)
+        if grew_from is not None and self.distill_rounds > 0:
+            # LwF: for the next rounds nodes keep the old classes' outputs close to
+            # the model they receive (DESIGN.md contract 4 keeps those rows intact)
+            self.distill_classes = grew_from
+            self.distill_until = server_round + self.distill_rounds - 1
         report = RoundReport(
             server_round,
             started,

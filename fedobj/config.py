@@ -64,6 +64,9 @@ class RunConfig:
     registry_uri: str = ""
     initial_categories: int = 10
     head_init: str = "mean"
+    distill_weight: float = 1.0
+    distill_rounds: int = 5
+    distill_temperature: float = 2.0
     promote: str = "latest"
     resume: bool = False
     allow_concurrent_runs: bool = False
@@ -117,6 +120,9 @@ class RunConfig:
         )
         need(self.head_init in HEAD_INITS, "head-init", f"must be one of {HEAD_INITS}")
         need(self.promote in ("latest", "best"), "promote", "must be latest or best")
+        need(self.distill_weight >= 0, "distill-weight", "must be >= 0")
+        need(self.distill_rounds >= 0, "distill-rounds", "must be >= 0")
+        need(self.distill_temperature > 0, "distill-temperature", "must be > 0")
         need(self.lease_ttl > 0, "lease-ttl", "must be > 0")
         for key in ("dataset-dir", "outputs-dir", "pretrained-path"):
             value = getattr(self, key.replace("-", "_"))

@@ -15,6 +15,7 @@ LR = "lr"
 CLASS_MAP = "class-map"  # fedobj.classmap.ClassMap.to_json()
 MODEL_ARGS = "model-args"  # json of fedobj.model.ModelArgs
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+DISTILL_CLASSES = "distill-classes"  # > 0 after growth: distil the first k classes
 
 # MetricRecord keys (node -> server).
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key

@@ -96,6 +96,9 @@ class TrainConfig:
     proximal_mu: float = 0.0
     augment: bool = False
     seed: int = 0
+    distill_classes: int = 0  # > 0: distil the first k classes' outputs (LwF)
+    distill_weight: float = 1.0
+    distill_temperature: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -124,16 +127,38 @@ def _logit_mask(num_classes: int, active: list[int] | None) -> torch.Tensor | No
     return mask
 
 
+def distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    classes: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """LwF term: KL(teacher || student) over the old ``classes``, softened by T.
+
+    Scaled by T^2 so its gradient keeps the same size whatever the temperature
+    (Hinton et al., 2015). Only old classes are compared (the new rows have no
+    teacher to agree with), on raw logits: a masked (inactive) row would be -inf.
+    """
+    t = temperature
+    log_p = F.log_softmax(student[:, classes] / t, dim=1)
+    q = F.softmax(teacher[:, classes] / t, dim=1)
+    return F.kl_div(log_p, q, reduction="batchmean") * t * t
+
+
 def train(
     model: nn.Module,
     data: LabelledTensors,
     cfg: TrainConfig,
     active: list[int] | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """SGD with momentum for ``cfg.epochs`` over ``data``; FedProx term if ``mu > 0``.
 
     The proximal term mu/2 * ||w - w_global||^2 is added to the gradient directly
     (its gradient is mu * (w - w_global)), which avoids building it into the graph.
+    With a ``teacher`` (the global model as received) and ``cfg.distill_classes``
+    k > 0, the loss also pulls the old classes' outputs towards the teacher's, so a
+    node holding only new-category images does not erase what the head knew.
     """
     if len(data) == 0:
         raise ValueError("no training samples after mapping through the class map")
@@ -150,6 +175,15 @@ def train(
     )
     num_classes = _num_outputs(model, data)
     mask = _logit_mask(num_classes, active)
+    old = [
+        c
+        for c in (active if active is not None else range(num_classes))
+        if c < cfg.distill_classes
+    ]
+    distil = teacher is not None and len(old) > 1 and cfg.distill_weight > 0
+    old_classes = torch.as_tensor(old, dtype=torch.long)
+    if teacher is not None:
+        teacher.eval()
     n = len(data)
     t0 = time.perf_counter()
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
@@ -164,10 +198,16 @@ def train(
                 flip = torch.rand(len(idx), generator=gen) < 0.5
                 x[flip] = x[flip].flip(-1)
             y = data.labels[idx]
-            logits = model(x)
-            if mask is not None:
-                logits = logits + mask
+            raw = model(x)
+            logits = raw + mask if mask is not None else raw
             loss = F.cross_entropy(logits, y)
+            if distil:
+                assert teacher is not None
+                with torch.no_grad():
+                    target = teacher(x)
+                loss = loss + cfg.distill_weight * distillation_loss(
+                    raw, target, old_classes, cfg.distill_temperature
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.proximal_mu > 0:

@@ -202,3 +202,52 @@ def test_lr_schedule_horizon_can_differ_from_the_run_length() -> None:
     cfg = RunConfig(num_server_rounds=30, lr_schedule_rounds=20, lr=0.1, lr_min=0.01)
     assert cfg.lr_at(20) == pytest.approx(0.01) and cfg.lr_at(30) == pytest.approx(0.01)
     assert RunConfig(num_server_rounds=30, lr=0.1, lr_min=0.01).lr_at(20) > 0.01
+
+
+def test_distillation_keeps_old_class_outputs_near_the_teacher() -> None:
+    """After growth, LwF pulls the old classes' outputs towards the received model:
+    on held-out images they drift less from the teacher than without it."""
+    import copy
+
+    from fedobj.train import distillation_loss, to_input
+
+    cm = fashion_mnist_class_map()
+    data = map_to_class_map(load_fashion_mnist("train"), cm).tensors
+    torch.manual_seed(0)
+    teacher = build_model(ModelArgs("cnn", 10))
+    train(teacher, data, TrainConfig(lr=0.02, seed=0))
+    teacher.eval()
+    probe = to_input(map_to_class_map(load_fashion_mnist("test"), cm).tensors.images)
+    old = torch.arange(6)
+
+    def drift(weight: float) -> float:
+        student = copy.deepcopy(teacher)
+        cfg = TrainConfig(lr=0.02, seed=1, distill_classes=6, distill_weight=weight)
+        train(student, data, cfg, teacher=copy.deepcopy(teacher))
+        student.eval()
+        with torch.no_grad():
+            return float(distillation_loss(student(probe), teacher(probe), old, 1.0))
+
+    without, with_ = drift(0.0), drift(2.0)
+    assert with_ < 0.7 * without, (with_, without)
+
+
+def test_distillation_ignores_masked_rows() -> None:
+    """An inactive old class is -inf after masking; the KD term uses raw logits of
+    active old classes only, so training stays finite."""
+    import copy
+
+    cm = ClassMap(
+        tuple(
+            ClassEntry(e.index, e.slug, e.name, e.index != 2)
+            for e in fashion_mnist_class_map().entries
+        )
+    )
+    data = map_to_class_map(load_fashion_mnist("train").subset(np.arange(200)), cm)
+    assert 2 not in data.tensors.labels.tolist()  # inactive: never trained on
+    model = build_model(ModelArgs("cnn", 10))
+    active = cm.active_indices
+    cfg = TrainConfig(lr=0.02, distill_classes=6, distill_weight=1.0)
+    res = train(model, data.tensors, cfg, active=active, teacher=copy.deepcopy(model))
+    assert np.isfinite(res.loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
