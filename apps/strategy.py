@@ -225,6 +225,9 @@ class CatalogStrategy(Strategy):
         self.last_version_id: Any = None
         self.reports: dict[int, RoundReport] = {}
         self.counted_nodes: set[int] = set()
+        # the version the current model came from (parent of the next one), and
+        # the version this run believes is current: a difference is an admin's move
+        self.expected_current: Any = None
         self.distill_rounds = distill_rounds
         self.distill_classes = 0
         self.distill_until = 0
@@ -302,6 +305,11 @@ class CatalogStrategy(Strategy):
         self._check_active(self.class_map)
         self.model_args = self.model_args.with_classes(self.class_map.num_classes)
         self.last_version_id = parent_version
+        if parent_version is not None:  # continuing from it: follow a different current
+            self.expected_current = parent_version
+        else:  # a fresh model does not "roll back" to what an older run left current
+            current = self.catalog.current_version()
+            self.expected_current = current.id if current is not None else None
         result = Result()
         arrays = initial_arrays
         t_start = time.time()
@@ -402,17 +410,15 @@ class CatalogStrategy(Strategy):
     def _follow_rollback(self, arrays: ArrayRecord) -> tuple[ArrayRecord, str | None]:
         """If an admin made another version current, continue from it."""
         current = self.catalog.current_version()
-        if current is None or current.id == self.last_version_id:
+        if current is None or current.id == self.expected_current:
             return arrays, None
-        if self.last_version_id is None:
-            return arrays, None  # a fresh run starts from its own initial model
         ckpt = self.store.load_checkpoint(
             current.checkpoint_uri, current.checkpoint_sha256
         )
         self.class_map = ckpt.class_map
         self.model_args = ckpt.model_args
         self.restore_server_state(current)
-        self.last_version_id = current.id
+        self.last_version_id = self.expected_current = current.id
         log.info(
             "rollback honoured: continuing from version %s (run %s, round %d)",
             current.name,
@@ -507,7 +513,18 @@ class CatalogStrategy(Strategy):
             state_uri = state_art.uri
             provenance["server_state_sha256"] = state_art.sha256
         make_current = True
-        if self.promote == "best" and report.grew_from is None:
+        current = self.catalog.current_version()
+        if current is not None and current.id != self.expected_current:
+            # an admin rolled back while this round ran: their choice wins, and the
+            # next round continues from it (this round's version is kept, not current)
+            make_current = False
+            log.info(
+                "round %d: current version moved to %s during the round; "
+                "this round's version is registered but not made current",
+                server_round,
+                current.name,
+            )
+        elif self.promote == "best" and report.grew_from is None:
             best = self.catalog.best_version(self.class_map)
             acc = metrics.get("accuracy")
             make_current = (
@@ -528,8 +545,9 @@ class CatalogStrategy(Strategy):
             make_current=make_current,
             server_state_uri=state_uri,
         )
+        self.last_version_id = version.id  # our model is this version now
         if version.is_current:
-            self.last_version_id = version.id
+            self.expected_current = version.id
         return version
 
     def _node_seen(self, n: NodeResult) -> None:

@@ -297,3 +297,43 @@ def test_no_active_category_refuses_to_start(setup) -> None:
     strategy = make(FedAvg(), catalog, store, args)
     with pytest.raises(NoActiveCategoryError, match="no active category"):
         strategy.start(ScriptedGrid(plus(1.0)), initial, num_rounds=1)
+
+
+def test_rollback_during_a_round_wins_over_that_rounds_version(setup) -> None:
+    """The admin rolls back to v1 while round 3 runs (v2 current): round 3's version
+    is kept but not made current, and round 4 continues from v1."""
+    catalog, store, args, initial = setup
+    grid = ScriptedGrid(plus(1.0))
+    grid.after_round[3] = lambda: catalog.set_current(
+        next(v for v in catalog.list_versions() if v.round == 1).id
+    )
+    strategy = make(
+        FedAvg(min_available_nodes=3, min_train_nodes=3), catalog, store, args
+    )
+    strategy.start(grid, initial, num_rounds=4)
+    v = {x.round: x for x in catalog.list_versions()}
+    assert not v[3].is_current and v[3].parent_id == v[2].id
+    assert v[4].parent_id == v[1].id and v[4].is_current
+    assert strategy.reports[4].rolled_back_to == v[1].name
+    ck1 = store.load_checkpoint(v[1].checkpoint_uri, v[1].checkpoint_sha256)
+    sent_r4 = grid.sent[4][0].content.array_records[keys.ARRAYS][HEAD_W].numpy()
+    np.testing.assert_array_equal(sent_r4, ck1.state_dict[HEAD_W].numpy())
+
+
+def test_a_fresh_run_makes_its_versions_current_over_an_older_run(setup) -> None:
+    catalog, store, args, initial = setup
+    grid = ScriptedGrid(plus(1.0))
+    make(FedAvg(min_available_nodes=3, min_train_nodes=3), catalog, store, args).start(
+        grid, initial, num_rounds=1
+    )
+    second = CatalogStrategy(
+        FedAvg(min_available_nodes=3, min_train_nodes=3),
+        catalog=catalog,
+        store=store,
+        model_args=args,
+        run_id="run-2",
+        lr_fn=lambda r: 0.1,
+    )
+    second.start(ScriptedGrid(plus(1.0)), initial, num_rounds=1)
+    current = catalog.current_version()
+    assert current is not None and current.run_id == "run-2"
