@@ -192,7 +192,10 @@ class RunOutputs:
                 ax_loss.plot(*zip(*pts), marker="o", label=label)
         ax_acc.set(title="Accuracy per round", xlabel="round", ylabel="accuracy")
         ax_loss.set(title="Loss per round", xlabel="round", ylabel="cross-entropy")
+        from matplotlib.ticker import MaxNLocator
+
         for ax in (ax_acc, ax_loss):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend()
         fig.suptitle(f"fedobj run {self.run_id}")
