@@ -59,6 +59,7 @@ def _node_data(
         dataset_dir=cfg.dataset_dir,
         channels=args.in_channels,
         size=args.image_size,
+        split=cfg.data_split,
     )
     return _mapped(data.train, class_map), _mapped(data.eval, class_map)
 
@@ -91,6 +92,23 @@ def train_fn(msg: Message, context: Context) -> Message:
     )
     # the model as received is the teacher: the previous global model (LwF)
     teacher = copy.deepcopy(model) if tcfg.distill_classes > 0 else None
+    if len(train_data.tensors) == 0:
+        # nothing of this node's is in the catalog (yet): say so, do not fail; the
+        # server drops the reply (0 examples) and counts it as rejected
+        metrics = MetricRecord(
+            {
+                keys.NUM_EXAMPLES: 0,
+                keys.IGNORED_EXAMPLES: sum(train_data.ignored.values()),
+            }
+        )
+        content = RecordDict(
+            {
+                keys.ARRAYS: model_to_arrays(model),
+                keys.METRICS: metrics,
+                keys.IGNORED_LABELS: ConfigRecord(dict(train_data.ignored)),
+            }
+        )
+        return Message(content=content, reply_to=msg)
     result = train(model, train_data.tensors, tcfg, class_map.active_indices, teacher)
     local = evaluate(model, eval_data.tensors, class_map.active_indices)
     metrics = MetricRecord(

@@ -150,6 +150,12 @@ def validate_replies(
     return valid, rejected
 
 
+def _num_examples(msg: Message) -> float:
+    metrics = msg.content.metric_records.get(keys.METRICS)
+    value = metrics.get(keys.NUM_EXAMPLES) if metrics is not None else None
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
 def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in arrays.items()}
 
@@ -394,7 +400,9 @@ class CatalogStrategy(Strategy):
             eval_replies, report.evaluate = node_results(
                 grid.send_and_receive(eval_msgs, timeout=timeout)
             )
-            ok = [m for m in eval_replies if not m.has_error()]
+            ok = [
+                m for m in eval_replies if not m.has_error() and _num_examples(m) > 0
+            ]  # Flower divides by the summed weights
             if ok:
                 self.aggregate_evaluate(server_round, ok)
         if self.evaluate_fn is not None:

@@ -67,6 +67,8 @@ class RunConfig:
     distill_weight: float = 1.0
     distill_rounds: int = 5
     distill_temperature: float = 2.0
+    class_split: str = "none"
+    new_node_fraction: float = 0.3
     promote: str = "latest"
     resume: bool = False
     allow_concurrent_runs: bool = False
@@ -123,6 +125,12 @@ class RunConfig:
         need(self.distill_weight >= 0, "distill-weight", "must be >= 0")
         need(self.distill_rounds >= 0, "distill-rounds", "must be >= 0")
         need(self.distill_temperature > 0, "distill-temperature", "must be > 0")
+        need(
+            self.class_split in ("none", "disjoint"),
+            "class-split",
+            "must be none or disjoint",
+        )
+        need(0 < self.new_node_fraction < 1, "new-node-fraction", "must be in (0, 1)")
         need(self.lease_ttl > 0, "lease-ttl", "must be > 0")
         for key in ("dataset-dir", "outputs-dir", "pretrained-path"):
             value = getattr(self, key.replace("-", "_"))
@@ -163,6 +171,13 @@ class RunConfig:
                     f"got {value!r}"
                 ) from None
         return cls(**kwargs)
+
+    @property
+    def data_split(self) -> tuple[int, float] | None:
+        """For ``class-split=disjoint``: (first new class, share of new-only nodes)."""
+        if self.class_split != "disjoint":
+            return None
+        return self.initial_categories, self.new_node_fraction
 
     def lr_at(self, server_round: int) -> float:
         """The learning rate nodes use in ``server_round``."""

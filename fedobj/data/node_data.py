@@ -105,6 +105,7 @@ def _simulated_node(
     directory: str,
     channels: int,
     size: int,
+    split: tuple[int, float] | None = None,
 ) -> NodeData:
     full = _fashion_mnist("train", directory, channels, size)
     parts = _partitions(
@@ -115,12 +116,28 @@ def _simulated_node(
             f"partition-id {partition_id} outside 0..{num_partitions - 1}"
         )
     mine = full.subset(parts[partition_id])
+    if split is not None:
+        first_new, new_fraction = split
+        is_new = partition_id in new_category_nodes(num_partitions, new_fraction, seed)
+        keep = mine.labels >= first_new if is_new else mine.labels < first_new
+        mine = mine.subset(np.flatnonzero(keep))
     tr, ev = train_eval_split(len(mine), eval_fraction, seed + 7919 * partition_id)
     return NodeData(
         mine.subset(tr),
         mine.subset(ev),
         f"fashion-mnist partition {partition_id}/{num_partitions} ({method})",
     )
+
+
+def new_category_nodes(num_partitions: int, fraction: float, seed: int) -> set[int]:
+    """The simulated nodes that hold only new-category images (disjoint split).
+
+    Used by the class-incremental scenario: the other nodes hold only images of
+    the categories the catalog starts with; a seeded choice, the same in every actor.
+    """
+    n_new = int(round(fraction * num_partitions))
+    order = np.random.default_rng(seed + 104_729).permutation(num_partitions)
+    return {int(i) for i in order[:n_new]}
 
 
 @functools.lru_cache(maxsize=4)
@@ -159,8 +176,14 @@ def load_node_data(
     dataset_dir: str,
     channels: int,
     size: int,
+    split: tuple[int, float] | None = None,
 ) -> NodeData:
-    """A node's training and held-out data, from its node config."""
+    """A node's training and held-out data, from its node config.
+
+    ``split = (first_new_class, new_node_fraction)`` makes simulated data disjoint
+    by category: a fraction of nodes hold only classes >= ``first_new_class``, the
+    others only the classes below it (the class-incremental scenario).
+    """
     if node_config.get("data-dir"):
         data_dir = str(node_config["data-dir"])
         if not Path(data_dir).is_absolute():
@@ -181,6 +204,7 @@ def load_node_data(
             dataset_dir,
             channels,
             size,
+            split,
         )
     raise ConfigError(
         "node config has neither `data-dir` (a real device's image folder) nor "

@@ -204,3 +204,28 @@ def test_node_data_from_partition_and_from_folder(tmp_path: Path) -> None:
         load_node_data({}, **common)
     with pytest.raises(ConfigError, match="absolute"):
         load_node_data({"data-dir": "relative/dir"}, **common)
+
+
+def test_disjoint_class_split_for_the_class_incremental_scenario() -> None:
+    from fedobj.data.node_data import new_category_nodes
+
+    new = new_category_nodes(10, 0.3, seed=1)
+    assert len(new) == 3 and new == new_category_nodes(10, 0.3, seed=1)
+    common = dict(
+        partitioner="iid",
+        alpha=0.5,
+        classes_per_node=2,
+        eval_fraction=0.1,
+        seed=1,
+        dataset_dir="",
+        channels=1,
+        size=28,
+        split=(6, 0.3),
+    )
+    for pid in range(10):
+        node = load_node_data({"partition-id": pid, "num-partitions": 10}, **common)
+        labels = set(node.train.labels.tolist()) | set(node.eval.labels.tolist())
+        if pid in new:
+            assert labels and min(labels) >= 6
+        else:
+            assert labels and max(labels) < 6
