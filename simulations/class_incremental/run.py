@@ -1,0 +1,197 @@
+"""Class-incremental scenario: the catalog grows from 6 to 10 categories mid-run.
+
+The catalog starts with the first 6 Fashion-MNIST categories; every node holds
+images of all 10 (*shared*) or, in *disjoint*, 70% of nodes hold only the 6 old
+categories and 30% only the 4 new ones (names not yet in the catalog are ignored).
+After round ``--grow-after`` this script adds the 4 new categories to the run's
+catalog through ``fedobj.catalog`` (what the admin API calls) while the run goes on.
+
+Variants: ``distill`` (grow, LwF distillation), ``no-distill`` (grow, none), ``joint``
+(all 10 categories from round 1, same rounds). Per round, with the full head:
+old-class accuracy (test images of the 6 old categories, argmax over every row),
+new-class accuracy, all-class accuracy (a category the head lacks counts 0).
+
+    .venv/bin/python simulations/class_incremental/run.py --setting shared \\
+        --variants distill no-distill joint
+
+Writes ``outputs/class_incremental/<setting>.parquet`` and ``.png``; prints one JSON
+line per variant and round, then one summary line per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fedobj.catalog import SyncCatalog
+from fedobj.data.categories import FASHION_MNIST_NAMES
+from fedobj.superlink import LocalSuperLink
+
+ROOT = Path(__file__).resolve().parents[2]
+OLD = 6
+
+
+def class_accuracies(metrics: dict[str, float]) -> tuple[float, float, float]:
+    """(old, new, all) from a version's per-class accuracies (missing class = 0)."""
+    per = [float(metrics.get(f"class-{k}-accuracy", 0.0)) for k in range(10)]
+    return sum(per[:OLD]) / OLD, sum(per[OLD:]) / (10 - OLD), sum(per) / 10
+
+
+def run_variant(
+    variant: str, setting: str, args: argparse.Namespace, tmp: Path
+) -> list[dict[str, object]]:
+    db = tmp / f"{setting}-{variant}.db"
+    link = LocalSuperLink(
+        tmp / "flwr", 39491, 39493, {"FEDOBJ_OUTPUTS_DIR": str(tmp / "outputs")}
+    )
+    link.start()
+    run_config = (
+        f"num-server-rounds={args.rounds} min-nodes={args.nodes} "
+        f'database-url="sqlite:///{db}" partitioner="iid" '
+        f"initial-categories={10 if variant == 'joint' else OLD} "
+        f"distill-weight={1.0 if variant == 'distill' else 0.0} "
+        f'class-split="{"disjoint" if setting == "disjoint" else "none"}" '
+        f"{args.run_config}"
+    )
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("flwr")),
+            "run",
+            str(ROOT),
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={args.nodes} client-resources-num-cpus=1",
+            "--run-config",
+            run_config,
+        ],
+        env=link.cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    catalog = SyncCatalog(db)
+    grown = variant == "joint"
+    try:
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if grown:
+                continue
+            try:
+                done = any(v.round >= args.grow_after for v in catalog.list_versions())
+            except Exception:  # the run is still creating its catalog
+                done = False
+            if done:
+                for name in FASHION_MNIST_NAMES[OLD:]:
+                    catalog.add_category(name)
+                grown = True
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        link.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{setting}/{variant}: flwr run exited {proc.returncode}")
+    rows = []
+    for v in sorted(catalog.list_versions(), key=lambda v: v.round):
+        old, new, all_ = class_accuracies(v.metrics)
+        row = {
+            "setting": setting,
+            "variant": variant,
+            "round": v.round,
+            "classes": v.class_map.num_classes,
+            "old_accuracy": round(old, 4),
+            "new_accuracy": round(new, 4),
+            "all_accuracy": round(all_, 4),
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def summarise(rows: list[dict[str, object]], grow_after: int) -> dict[str, object]:
+    at_growth = next(
+        float(r["old_accuracy"])
+        for r in rows  # type: ignore[arg-type]
+        if r["round"] == grow_after
+    )
+    after = [
+        float(r["old_accuracy"])
+        for r in rows  # type: ignore[arg-type]
+        if int(r["round"]) > grow_after
+    ]  # type: ignore[call-overload]
+    return {
+        "setting": rows[0]["setting"],
+        "variant": rows[0]["variant"],
+        "final_all_accuracy": rows[-1]["all_accuracy"],
+        "final_old_accuracy": rows[-1]["old_accuracy"],
+        "final_new_accuracy": rows[-1]["new_accuracy"],
+        "old_accuracy_at_growth": at_growth,
+        "max_old_drop_after_growth": round(at_growth - min(after), 4)
+        if after
+        else None,
+    }
+
+
+def plot(rows: list[dict[str, object]], path: Path, grow_after: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+    for ax, key in zip(
+        axes, ("old_accuracy", "new_accuracy", "all_accuracy"), strict=True
+    ):
+        for variant in sorted({str(r["variant"]) for r in rows}):
+            pts = [(r["round"], r[key]) for r in rows if r["variant"] == variant]
+            ax.plot(*zip(*pts, strict=True), marker="o", label=variant)
+        ax.axvline(grow_after + 0.5, color="grey", linestyle=":")
+        ax.set(title=key.replace("_", " "), xlabel="round")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--setting", choices=("shared", "disjoint"), default="shared")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=["distill", "no-distill", "joint"],
+        choices=("distill", "no-distill", "joint"),
+    )
+    ap.add_argument("--nodes", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--grow-after", type=int, default=4)
+    ap.add_argument("--run-config", default="", help="extra run-config overrides")
+    ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "class_incremental")
+    args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, object]] = []
+    summaries = []
+    with tempfile.TemporaryDirectory(prefix="fedobj-cil-") as tmp:
+        for variant in args.variants:
+            variant_rows = run_variant(variant, args.setting, args, Path(tmp))
+            rows += variant_rows
+            summaries.append(summarise(variant_rows, args.grow_after))
+            print(json.dumps({"summary": summaries[-1]}), flush=True)
+    pq.write_table(pa.Table.from_pylist(rows), args.out / f"{args.setting}.parquet")
+    plot(rows, args.out / f"{args.setting}.png", args.grow_after)
+    (args.out / f"{args.setting}-summary.json").write_text(
+        json.dumps(summaries, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()
