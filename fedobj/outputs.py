@@ -25,24 +25,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 PACKAGES = ("fedobj", "flwr", "torch", "torchvision", "numpy", "pyarrow")
-METRIC_COLUMNS = (
-    "run_id",
-    "round",
-    "kind",
-    "node_id",
-    "num_examples",
-    "loss",
-    "accuracy",
-    "central_loss",
-    "central_accuracy",
-    "nodes_sampled",
-    "nodes_replied",
-    "nodes_failed",
-    "lr",
-    "seconds",
-    "ignored_examples",
-    "time",
+# metrics.parquet: one schema, one row per round and per node-round
+METRICS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("round", pa.int64()),
+        ("kind", pa.string()),  # round | node-train | node-evaluate
+        ("node_id", pa.string()),
+        ("num_examples", pa.int64()),
+        ("loss", pa.float64()),
+        ("accuracy", pa.float64()),
+        ("central_loss", pa.float64()),
+        ("central_accuracy", pa.float64()),
+        ("nodes_sampled", pa.int64()),
+        ("nodes_replied", pa.int64()),
+        ("nodes_failed", pa.int64()),
+        ("lr", pa.float64()),
+        ("seconds", pa.float64()),
+        ("ignored_examples", pa.int64()),
+        ("time", pa.float64()),
+    ]
 )
+METRIC_COLUMNS = tuple(METRICS_SCHEMA.names)
 
 
 def code_revision(start: Path | None = None) -> str:
@@ -139,27 +143,7 @@ class RunOutputs:
 
     def flush(self) -> Path:
         """Rewrite ``metrics.parquet`` with every row so far (atomic replace)."""
-        schema = pa.schema(
-            [
-                ("run_id", pa.string()),
-                ("round", pa.int64()),
-                ("kind", pa.string()),
-                ("node_id", pa.string()),
-                ("num_examples", pa.int64()),
-                ("loss", pa.float64()),
-                ("accuracy", pa.float64()),
-                ("central_loss", pa.float64()),
-                ("central_accuracy", pa.float64()),
-                ("nodes_sampled", pa.int64()),
-                ("nodes_replied", pa.int64()),
-                ("nodes_failed", pa.int64()),
-                ("lr", pa.float64()),
-                ("seconds", pa.float64()),
-                ("ignored_examples", pa.int64()),
-                ("time", pa.float64()),
-            ]
-        )
-        table = pa.Table.from_pylist(self.rows, schema=schema)
+        table = pa.Table.from_pylist(self.rows, schema=METRICS_SCHEMA)
         path = self.root / "metrics.parquet"
         tmp = path.with_suffix(".parquet.tmp")
         pq.write_table(table, tmp)
