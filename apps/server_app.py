@@ -25,7 +25,7 @@ from fedobj.data.categories import FASHION_MNIST_NAMES
 from fedobj.data.node_data import load_test_set
 from fedobj.errors import FedObjError
 from fedobj.model.checkpoint import FORMAT_VERSION
-from fedobj.model.factory import ModelArgs, build_model
+from fedobj.model.factory import ModelArgs, build_model, head_keys
 from fedobj.outputs import (
     RunOutputs,
     code_revision,
@@ -80,19 +80,24 @@ class CentralEvaluator:
     def __init__(self, cfg: RunConfig, args: ModelArgs) -> None:
         self.test = load_test_set(cfg.dataset_dir, args.in_channels, args.image_size)
         self.args = args
-        self._cache: dict[ClassMap, tuple[LabelledTensors, torch.nn.Module]] = {}
+        self._cache: dict[tuple[ClassMap, int], tuple[LabelledTensors, torch.nn.Module]]
+        self._cache = {}
 
     def __call__(
         self, server_round: int, arrays: ArrayRecord, class_map: ClassMap
     ) -> dict[str, float]:
-        if class_map not in self._cache:
+        # the head's rows come from the arrays: after a hard-deleted category the
+        # class map may end below the head, never above it
+        rows = int(arrays[head_keys(self.args)[0]].numpy().shape[0])
+        key = (class_map, rows)
+        if key not in self._cache:
             self._cache = {
-                class_map: (
+                key: (
                     map_to_class_map(self.test, class_map).tensors,
-                    build_model(self.args.with_classes(class_map.num_classes)),
+                    build_model(self.args.with_classes(rows)),
                 )
             }
-        data, model = self._cache[class_map]
+        data, model = self._cache[key]
         load_arrays(model, arrays)
         res = evaluate(model, data, class_map.active_indices)
         out = {"accuracy": res.accuracy, "loss": res.loss}
