@@ -234,6 +234,7 @@ def _run_with_catalog(
         provenance=provenance,
         seed=cfg.seed,
         distill_rounds=cfg.distill_rounds if cfg.distill_weight > 0 else 0,
+        lr_restart_on_growth=cfg.lr_restart_on_growth,
     )
     if current is not None:
         strategy.restore_server_state(current)

@@ -188,6 +188,9 @@ class CatalogStrategy(Strategy):
         Centralised evaluation ``(round, arrays, class_map) -> metrics``.
     on_round
         Called with each finished :class:`RoundReport` (outputs, logs).
+    lr_restart_on_growth
+        Restart the learning-rate schedule at the round the head grows (new rows
+        start where old ones did, not at a nearly spent rate).
     distill_rounds
         After a growth, for this many rounds, train messages ask nodes to distil
         the old classes from the model they receive (``distill-classes``).
@@ -211,6 +214,7 @@ class CatalogStrategy(Strategy):
         provenance: dict[str, Any] | None = None,
         seed: int = 0,
         distill_rounds: int = 0,
+        lr_restart_on_growth: bool = False,
     ) -> None:
         if promote not in ("latest", "best"):
             raise ValueError(f"promote must be 'latest' or 'best', got {promote!r}")
@@ -235,6 +239,8 @@ class CatalogStrategy(Strategy):
         # the version this run believes is current: a difference is an admin's move
         self.expected_current: Any = None
         self.distill_rounds = distill_rounds
+        self.lr_restart_on_growth = lr_restart_on_growth
+        self.lr_phase_start = 1
         self.distill_classes = 0
         self.distill_until = 0
 
@@ -249,14 +255,22 @@ class CatalogStrategy(Strategy):
         )
         self.inner.summary()
 
+    def lr_at(self, server_round: int) -> float:
+        """The round's learning rate; the schedule restarts at a growth if asked."""
+        return self.lr_fn(server_round - self.lr_phase_start + 1)
+
     def _context(self, config: ConfigRecord) -> ConfigRecord:
+        config = ConfigRecord(
+            dict(config)
+        )  # messages of a round never share later edits
         put_model_context(config, self.model_args, self.class_map)
         return config
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config[keys.LR] = self.lr_fn(server_round)
+        config = ConfigRecord(dict(config))  # this round's own copy
+        config[keys.LR] = self.lr_at(server_round)
         config[keys.DISTILL_CLASSES] = (
             self.distill_classes if server_round <= self.distill_until else 0
         )
@@ -311,6 +325,7 @@ class CatalogStrategy(Strategy):
         self._check_active(self.class_map)
         self.model_args = self.model_args.with_classes(self.class_map.num_classes)
         self.last_version_id = parent_version
+        self.lr_phase_start = first_round  # a resumed run starts its schedule over
         if parent_version is not None:  # continuing from it: follow a different current
             self.expected_current = parent_version
         else:  # a fresh model does not "roll back" to what an older run left current
@@ -352,6 +367,8 @@ class CatalogStrategy(Strategy):
         snapshot = self.catalog.snapshot()  # once per round (contract 3)
         self._check_active(snapshot)
         arrays, grew_from = self._grow(arrays, snapshot)
+        if grew_from is not None and self.lr_restart_on_growth:
+            self.lr_phase_start = server_round  # new rows learn at the full rate
         if grew_from is not None and self.distill_rounds > 0:
             # LwF: for the next rounds nodes keep the old classes' outputs close to
             # the model they receive (DESIGN.md contract 4 keeps those rows intact)
@@ -360,7 +377,7 @@ class CatalogStrategy(Strategy):
         report = RoundReport(
             server_round,
             started,
-            self.lr_fn(server_round),
+            self.lr_at(server_round),
             self.class_map,
             grew_from=grew_from,
             rolled_back_to=rolled_back,

@@ -337,3 +337,34 @@ def test_a_fresh_run_makes_its_versions_current_over_an_older_run(setup) -> None
     second.start(ScriptedGrid(plus(1.0)), initial, num_rounds=1)
     current = catalog.current_version()
     assert current is not None and current.run_id == "run-2"
+
+
+def test_lr_schedule_restarts_when_the_head_grows_and_on_resume(setup) -> None:
+    catalog, store, args, initial = setup
+    grid = ScriptedGrid(plus(1.0))
+    grid.after_round[1] = lambda: catalog.add_category("Sneaker")
+    strategy = CatalogStrategy(
+        FedAvg(min_available_nodes=3, min_train_nodes=3),
+        catalog=catalog,
+        store=store,
+        model_args=args,
+        run_id="run-1",
+        lr_fn=lambda r: 1.0 / r,
+        lr_restart_on_growth=True,
+    )
+    strategy.start(grid, initial, num_rounds=3)
+
+    def lr(rnd: int) -> float:
+        return float(grid.sent[rnd][0].content.config_records[keys.CONFIG][keys.LR])
+
+    assert [lr(1), lr(2), lr(3)] == [1.0, 1.0, 0.5]  # grew at round 2
+    v3 = catalog.current_version()
+    strategy.start(
+        grid,
+        strategy_arrays(catalog, store),
+        num_rounds=1,
+        first_round=4,
+        class_map=v3.class_map,
+        parent_version=v3.id,
+    )
+    assert lr(4) == 1.0  # a resumed run's schedule starts at its first round
