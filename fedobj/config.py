@@ -41,7 +41,7 @@ class RunConfig:
     lr: float = 0.03
     lr_schedule: str = "cosine"
     lr_schedule_rounds: int = 0
-    lr_restart_on_growth: bool = True
+    lr_restart_on_growth: bool = False
     lr_decay: float = 0.95
     lr_min: float = 0.005
     momentum: float = 0.9
