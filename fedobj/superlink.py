@@ -61,6 +61,33 @@ class LocalSuperLink:
         )
         return env
 
+    def run_command(
+        self,
+        app_dir: str | Path,
+        num_supernodes: int,
+        run_config: str,
+        cpus_per_node: int = 1,
+    ) -> list[str]:
+        """``flwr run APP --stream`` in simulation with ``num_supernodes`` nodes.
+
+        Run it with :meth:`cli_env` so that ``flwr`` finds this SuperLink by port.
+        ``cpus_per_node=1`` lets two nodes train at once on two cores (Flower's
+        default of 2 runs one at a time).
+        """
+        flwr = str(Path(sys.executable).with_name("flwr"))
+        federation = f"num-supernodes={num_supernodes} "
+        federation += f"client-resources-num-cpus={cpus_per_node}"
+        return [
+            flwr,
+            "run",
+            str(app_dir),
+            "--stream",
+            "--federation-config",
+            federation,
+            "--run-config",
+            run_config,
+        ]
+
     def is_healthy(self) -> bool:
         try:
             url = f"http://127.0.0.1:{self.http_port}/health"

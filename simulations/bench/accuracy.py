@@ -86,16 +86,7 @@ def main() -> None:
         )
         t0 = time.time()
         proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("flwr")),
-                "run",
-                str(ROOT),
-                "--stream",
-                "--federation-config",
-                f"num-supernodes={args.nodes} client-resources-num-cpus=1",
-                "--run-config",
-                run_config,
-            ],
+            link.run_command(ROOT, args.nodes, run_config),
             env=link.cli_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

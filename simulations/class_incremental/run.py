@@ -64,16 +64,7 @@ def run_variant(
         f"{args.run_config}"
     )
     proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("flwr")),
-            "run",
-            str(ROOT),
-            "--stream",
-            "--federation-config",
-            f"num-supernodes={args.nodes} client-resources-num-cpus=1",
-            "--run-config",
-            run_config,
-        ],
+        link.run_command(ROOT, args.nodes, run_config),
         env=link.cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,

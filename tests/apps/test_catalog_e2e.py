@@ -17,7 +17,7 @@ import pytest
 from fedobj.catalog import SyncCatalog
 from fedobj.data.categories import FASHION_MNIST_NAMES
 from fedobj.superlink import LocalSuperLink
-from tests.apps.test_flwr_run_e2e import FLWR, superlink  # noqa: F401  (fixture)
+from tests.apps.test_flwr_run_e2e import superlink  # noqa: F401  (fixture)
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -29,16 +29,7 @@ def start_run(link: LocalSuperLink, db: Path, extra: str) -> subprocess.Popen[st
         f'partitioner="iid" {extra}'
     )
     return subprocess.Popen(
-        [
-            FLWR,
-            "run",
-            str(ROOT),
-            "--stream",
-            "--federation-config",
-            "num-supernodes=2 client-resources-num-cpus=1",
-            "--run-config",
-            run_config,
-        ],
+        link.run_command(ROOT, 2, run_config),
         env=link.cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -21,7 +19,6 @@ from fedobj.superlink import LocalSuperLink, _alive, descendants
 from tests.conftest import FIXTURE_FMNIST, ROOT, free_port
 
 pytestmark = pytest.mark.e2e
-FLWR = str(Path(sys.executable).with_name("flwr"))
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +46,7 @@ def flwr_run(
     link: LocalSuperLink, run_config: str, nodes: int = 3, timeout: int = 400
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            FLWR,
-            "run",
-            str(ROOT),
-            "--stream",
-            "--federation-config",
-            f"num-supernodes={nodes} client-resources-num-cpus=1",
-            "--run-config",
-            run_config,
-        ],
+        link.run_command(ROOT, nodes, run_config),
         env=link.cli_env(),
         capture_output=True,
         text=True,
