@@ -228,6 +228,7 @@ def _run_with_catalog(
         run_id=run_id,
         lr_fn=cfg.lr_at,
         head_init=cfg.head_init,
+        head_align=cfg.head_align,
         promote=cfg.promote,
         evaluate_fn=central,
         on_round=on_round,

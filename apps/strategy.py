@@ -34,7 +34,7 @@ from fedobj.config import RunConfig
 from fedobj.errors import FedObjError
 from fedobj.model.checkpoint import Checkpoint
 from fedobj.model.factory import ModelArgs, head_keys
-from fedobj.model.growth import grow_head, grow_rows
+from fedobj.model.growth import align_new_rows, grow_head, grow_rows
 from fedobj.registry import ArtifactStore
 
 log = logging.getLogger("fedobj.strategy")
@@ -180,6 +180,9 @@ class CatalogStrategy(Strategy):
         Learning rate nodes use in a round (the schedule across rounds).
     head_init
         How new head rows start (``fedobj.model.growth``).
+    head_align
+        ``"norm"``: after every aggregation following a growth in this run, scale
+        the new classes' weight rows to the old rows' mean norm (weight aligning).
     promote
         ``"latest"``: every round's version becomes current; ``"best"``: only one
         with the best centralised accuracy among versions of the same class map
@@ -206,6 +209,7 @@ class CatalogStrategy(Strategy):
         run_id: str,
         lr_fn: Callable[[int], float],
         head_init: str = "mean",
+        head_align: str = "none",
         promote: str = "latest",
         min_replies: int = 1,
         evaluate_fn: Callable[[int, ArrayRecord, ClassMap], dict[str, float]]
@@ -225,6 +229,8 @@ class CatalogStrategy(Strategy):
         self.run_id = run_id
         self.lr_fn = lr_fn
         self.head_init = head_init
+        self.head_align = head_align
+        self.grown_from: int | None = None  # classes before this run's last growth
         self.promote = promote
         self.min_replies = min_replies
         self.evaluate_fn = evaluate_fn
@@ -367,6 +373,8 @@ class CatalogStrategy(Strategy):
         snapshot = self.catalog.snapshot()  # once per round (contract 3)
         self._check_active(snapshot)
         arrays, grew_from = self._grow(arrays, snapshot)
+        if grew_from is not None:
+            self.grown_from = grew_from
         if grew_from is not None and self.lr_restart_on_growth:
             self.lr_phase_start = server_round  # new rows learn at the full rate
         if grew_from is not None and self.distill_rounds > 0:
@@ -401,7 +409,7 @@ class CatalogStrategy(Strategy):
         if len(valid) >= self.min_replies:
             aggregated, _ = self.aggregate_train(server_round, valid)
             if aggregated is not None:
-                arrays = aggregated
+                arrays = self._align(aggregated)
         else:
             log.warning(
                 "round %d: %d valid replies (< %d): the model is unchanged",
@@ -483,6 +491,23 @@ class CatalogStrategy(Strategy):
             self.head_init,
         )
         return _record(grown), old_n
+
+    def _align(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Weight aligning of the rows added by this run's last growth, if asked.
+
+        Safe with FedAdam: its ``configure_train`` copies the arrays it is sent,
+        so its next step starts from the aligned head.
+        """
+        if self.head_align != "norm" or self.grown_from is None:
+            return arrays
+        weight_key = head_keys(self.model_args)[0]
+        numpy = _numpy(arrays)
+        active = self.class_map.active_indices
+        old = [k for k in active if k < self.grown_from]
+        new = [k for k in active if k >= self.grown_from]
+        numpy[weight_key], gamma = align_new_rows(numpy[weight_key], old, new)
+        log.info("head aligned: new rows scaled by %.3f", gamma)
+        return _record(numpy)
 
     def _server_state(self) -> bytes | None:
         state = {

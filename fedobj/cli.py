@@ -239,6 +239,16 @@ def _catalog(db: str | None) -> SyncCatalog:
     return catalog
 
 
+def _actor() -> str:
+    """Who the audit trail names for a write from this terminal."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no passwd entry (containers)
+        return "cli"
+
+
 @catalog_app.command("add")
 def catalog_add(
     name: Annotated[str, typer.Argument(help='display name, e.g. "Ankle boot"')],
@@ -247,7 +257,7 @@ def catalog_add(
 ) -> None:
     """Add a category; running federations grow their head from the next round."""
     try:
-        c = _catalog(db).add_category(name, description)
+        c = _catalog(db).add_category(name, description, actor=_actor())
     except FedObjError as exc:
         raise _fail(exc) from exc
     console.print(f"added {c.name!r} (folder {c.slug!r}) as class {c.class_index}")
@@ -282,7 +292,7 @@ def catalog_deactivate(
     """Mask a category: its row stays, its index is never reused (contract 9)."""
     try:
         lookup: str | int = int(key) if key.isdigit() else key
-        c = _catalog(db).deactivate_category(lookup)
+        c = _catalog(db).deactivate_category(lookup, actor=_actor())
     except FedObjError as exc:
         raise _fail(exc) from exc
     console.print(f"deactivated {c.name!r} (class {c.class_index})")
@@ -358,7 +368,7 @@ def versions_rollback(
 ) -> None:
     """Make an older version current; a running run continues from it next round."""
     try:
-        v = _catalog(db).set_current(version)
+        v = _catalog(db).set_current(version, actor=_actor())
     except FedObjError as exc:
         raise _fail(exc) from exc
     console.print(f"{v.name} (run {v.run_id}, round {v.round}) is now current")
@@ -387,6 +397,113 @@ def versions_prune(
         f"{verb} {len(pruned)} versions: "
         + (", ".join(v.name for v in pruned) or "none")
     )
+
+
+# ---------------------------------------------------------------- admin API
+
+admin_app = typer.Typer(help="The admin API: serve it, manage its keys.")
+keys_app = typer.Typer(help="API keys (stored as keyed hashes only).")
+admin_app.add_typer(keys_app, name="keys")
+app.add_typer(admin_app, name="admin")
+
+
+def _secret_path(outputs: Path | None) -> Path:
+    return _outputs_dir(outputs) / "api-secret"
+
+
+@admin_app.command("serve")
+def admin_serve(
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    db: DbOpt = None,
+    registry: Annotated[
+        str | None, typer.Option(help="artifact store; default the outputs folder")
+    ] = None,
+    outputs: OutputsOpt = None,
+    rate_limit: Annotated[
+        int, typer.Option(help="requests/s per client address; 0 = off")
+    ] = 100,
+    max_batch: Annotated[int, typer.Option(help="images per /detect/batch")] = 16,
+    cors_origin: Annotated[
+        list[str] | None, typer.Option(help="allowed CORS origin (repeat); none: off")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve the admin API with uvicorn (docs at /schema/swagger)."""
+    import uvicorn
+
+    from admin_api import ApiSettings, create_app
+
+    try:
+        settings = ApiSettings(
+            outputs_dir=_outputs_dir(outputs),
+            database_url=db or "",
+            registry_uri=registry or "",
+            rate_limit_per_second=rate_limit,
+            max_batch_images=max_batch,
+            cors_origins=tuple(cors_origin or ()),
+        )
+    except FedObjError as exc:
+        raise _fail(exc) from exc
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="admin | viewer | device")],
+    name: Annotated[str, typer.Option(help="what the key is for")] = "",
+    db: DbOpt = None,
+    outputs: OutputsOpt = None,
+) -> None:
+    """Create a key and print it once; only its keyed hash is stored."""
+    from fedobj.apikeys import hash_token, load_secret, new_token
+
+    try:
+        secret = load_secret(_secret_path(outputs))
+        key = new_token()
+        _catalog(db).create_api_key(
+            key.key_id, hash_token(secret, key.token), role, name, actor=_actor()
+        )
+    except FedObjError as exc:
+        raise _fail(exc) from exc
+    err_console.print(
+        f"created {role} key {key.key_id}; store it now, it is not shown again:"
+    )
+    print(key.token)
+
+
+@keys_app.command("list")
+def keys_list(
+    all_: Annotated[bool, typer.Option("--all", help="include revoked")] = False,
+    db: DbOpt = None,
+) -> None:
+    """Keys by id and role (never the secrets)."""
+    table = Table()
+    for col in ("key id", "role", "name", "created", "last used", "revoked"):
+        table.add_column(col)
+    for k in _catalog(db).list_api_keys(include_revoked=all_):
+        table.add_row(
+            k.key_id,
+            k.role,
+            k.name,
+            f"{k.created_at:%Y-%m-%d %H:%M}",
+            f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "-",
+            f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "-",
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key id `keys list` shows")],
+    db: DbOpt = None,
+) -> None:
+    """Revoke a key; servers refuse it within a few seconds (their key cache)."""
+    try:
+        k = _catalog(db).revoke_api_key(key_id, actor=_actor())
+    except FedObjError as exc:
+        raise _fail(exc) from exc
+    console.print(f"revoked {k.role} key {k.key_id}")
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from fedobj.data.partition import PARTITIONERS
 from fedobj.errors import ConfigError
 from fedobj.model.factory import MODEL_NAMES, NORMS
-from fedobj.model.growth import HEAD_INITS
+from fedobj.model.growth import HEAD_ALIGNS, HEAD_INITS
 from fedobj.train import lr_for_round
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "perffedavg")
@@ -65,6 +65,7 @@ class RunConfig:
     registry_uri: str = ""
     initial_categories: int = 10
     head_init: str = "mean"
+    head_align: str = "none"
     distill_weight: float = 1.0
     distill_rounds: int = 5
     distill_temperature: float = 2.0
@@ -122,6 +123,11 @@ class RunConfig:
             "must be in 0..10 (Fashion-MNIST names seeded into an empty catalog)",
         )
         need(self.head_init in HEAD_INITS, "head-init", f"must be one of {HEAD_INITS}")
+        need(
+            self.head_align in HEAD_ALIGNS,
+            "head-align",
+            f"must be one of {HEAD_ALIGNS}",
+        )
         need(self.promote in ("latest", "best"), "promote", "must be latest or best")
         need(self.distill_weight >= 0, "distill-weight", "must be >= 0")
         need(self.distill_rounds >= 0, "distill-rounds", "must be >= 0")

@@ -13,15 +13,14 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyarrow import fs as pafs
 
 from fedobj.errors import FedObjError
-from fedobj.model.checkpoint import (
-    Checkpoint,
-    checkpoint_from_bytes,
-    checkpoint_to_bytes,
-)
+
+if TYPE_CHECKING:
+    from fedobj.model.checkpoint import Checkpoint
 
 
 class ArtifactError(FedObjError):
@@ -114,8 +113,14 @@ class ArtifactStore:
         return bool(info.type == pafs.FileType.File)
 
     def save_checkpoint(self, key: str, ckpt: Checkpoint) -> Artifact:
+        # Imported here: checkpoints need torch, and serving an exported model
+        # from this store must not import it (fedobj.inference is torch-free).
+        from fedobj.model.checkpoint import checkpoint_to_bytes
+
         return self.put_bytes(key, checkpoint_to_bytes(ckpt))
 
     def load_checkpoint(self, uri: str, sha256: str) -> Checkpoint:
         """A verified checkpoint: ``.build()`` is the model, ``.class_map`` its rows."""
+        from fedobj.model.checkpoint import checkpoint_from_bytes
+
         return checkpoint_from_bytes(self.read_verified(uri, sha256), uri)

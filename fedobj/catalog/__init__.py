@@ -16,6 +16,7 @@ nodes and the run lease. Everything that reads or writes it goes through:
 10
 """
 
+from fedobj.catalog.admin import ROLES
 from fedobj.catalog.catalog import Catalog
 from fedobj.catalog.db import ENV_URL, DatabaseSpec, resolve_url
 from fedobj.catalog.errors import (
@@ -33,7 +34,11 @@ from fedobj.catalog.errors import (
 )
 from fedobj.catalog.migrate import migrate, migrate_async, pending_migrations
 from fedobj.catalog.records import (
+    ApiKeyRecord,
+    AuditRecord,
     CategoryRecord,
+    CategoryStats,
+    DetectionRecord,
     LeaseRecord,
     NodeRecord,
     NodeRoundRecord,
@@ -45,6 +50,11 @@ from fedobj.catalog.sync import SyncCatalog
 
 __all__ = [
     "ENV_URL",
+    "ROLES",
+    "ApiKeyRecord",
+    "AuditRecord",
+    "CategoryStats",
+    "DetectionRecord",
     "Catalog",
     "CatalogError",
     "CatalogValueError",

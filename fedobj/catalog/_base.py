@@ -23,6 +23,7 @@ from fedobj.catalog.db import (
     make_engine,
     resolve_url,
     unavailable_error,
+    unstorable_value_error,
     write_transaction,
 )
 from fedobj.catalog.errors import CatalogValueError
@@ -81,6 +82,32 @@ class CatalogBase:
         async with write_transaction(self.engine):
             yield
 
+    async def _audit(
+        self,
+        actor: str | None,
+        action: str,
+        target: str = "",
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Leave an audit row for an admin write, inside the caller's transaction.
+
+        ``actor`` None means the write is the system's own (a run registering a
+        version, seeding categories): no row. Called within ``_write()`` so the
+        change and its audit row commit or roll back together.
+        """
+        if actor is None:
+            return
+        t = self.tables.AuditEntry
+        await t.insert(
+            t(
+                at=self.clock(),
+                actor=actor[:64],
+                action=action,
+                target=target[:255],
+                detail=plain_json(dict(detail or {}), f"audit {action}"),
+            )
+        )
+
     async def _lock(self, table: str, mode: str) -> None:
         """Take a PostgreSQL table lock for the rest of the transaction.
 
@@ -119,7 +146,7 @@ def guarded(
         except FedObjError:
             raise
         except Exception as exc:
-            mapped = unavailable_error(exc, self.spec)
+            mapped = unavailable_error(exc, self.spec) or unstorable_value_error(exc)
             if mapped is None:
                 raise
             raise mapped from exc

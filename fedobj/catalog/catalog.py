@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedobj.catalog._base import guarded
+from fedobj.catalog.admin import AdminOps
 from fedobj.catalog.categories import CategoryOps
 from fedobj.catalog.errors import DatabaseUnavailableError
 from fedobj.catalog.lease import LeaseOps
@@ -19,7 +20,7 @@ from fedobj.catalog.runs import RunOps
 from fedobj.catalog.versions import VersionOps
 
 
-class Catalog(CategoryOps, VersionOps, RunOps, LeaseOps):
+class Catalog(CategoryOps, VersionOps, RunOps, LeaseOps, AdminOps):
     """Asynchronous access to one catalog database.
 
     Construction does not touch the database; the first query does, and raises

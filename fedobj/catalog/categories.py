@@ -8,6 +8,7 @@ version has trained on cannot be deleted.
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from piccolo.columns.combination import WhereRaw
 from piccolo.custom_types import Combinable
 
-from fedobj.catalog._base import CatalogBase, guarded
+from fedobj.catalog._base import CatalogBase, finite_or_none, guarded
 from fedobj.catalog.db import is_unique_violation
 from fedobj.catalog.errors import (
     CatalogValueError,
@@ -24,7 +25,12 @@ from fedobj.catalog.errors import (
     InvalidCategoryError,
     NotFoundError,
 )
-from fedobj.catalog.records import CategoryRecord, category_from_row, json_value
+from fedobj.catalog.records import (
+    CategoryRecord,
+    CategoryStats,
+    category_from_row,
+    json_value,
+)
 from fedobj.catalog.tables import NAME_MAX
 from fedobj.classmap import ClassEntry, ClassMap
 from fedobj.data.categories import FASHION_MNIST_NAMES, slugify
@@ -39,12 +45,17 @@ def clean_name(name: str) -> tuple[str, str, str]:
     Raises
     ------
     InvalidCategoryError
-        The trimmed name is empty, longer than 255 characters, or has no letter
-        or digit to build a folder name from.
+        The trimmed name is empty, longer than 255 characters, holds control
+        characters, or has no letter or digit to build a folder name from.
     """
     display = name.strip()
     if not display:
         raise InvalidCategoryError("category name must not be empty")
+    bad = [c for c in display if unicodedata.category(c) in ("Cc", "Cs")]
+    if bad:
+        raise InvalidCategoryError(
+            f"category name has control or surrogate characters: {bad[:3]!r}"
+        )
     if len(display) > NAME_MAX:
         raise InvalidCategoryError(
             f"category name is {len(display)} characters; at most {NAME_MAX}"
@@ -65,8 +76,13 @@ class CategoryOps(CatalogBase):
     """Category operations of :class:`fedobj.catalog.Catalog`."""
 
     @guarded
-    async def add_category(self, name: str, description: str = "") -> CategoryRecord:
+    async def add_category(
+        self, name: str, description: str = "", *, actor: str | None = None
+    ) -> CategoryRecord:
         """Create a category with the next never-used ``class_index``.
+
+        ``actor`` (an API key id, ``cli:<user>``) leaves an audit row in the same
+        transaction; every admin write below takes it too.
 
         Raises
         ------
@@ -111,6 +127,12 @@ class CategoryOps(CatalogBase):
                         f"category {display!r} (slug {slug!r}) already exists"
                     ) from exc
                 raise
+            await self._audit(
+                actor,
+                "category.create",
+                str(row.id),
+                {"name": display, "slug": slug, "class_index": index},
+            )
         return await self.get_category(row.id)
 
     async def _refuse_duplicate(
@@ -219,6 +241,7 @@ class CategoryOps(CatalogBase):
         name: str | None = None,
         description: str | None = None,
         is_active: bool | None = None,
+        actor: str | None = None,
     ) -> CategoryRecord:
         """Rename, re-describe, (de)activate a category; index and slug stay.
 
@@ -248,14 +271,28 @@ class CategoryOps(CatalogBase):
                 if is_unique_violation(exc):
                     raise DuplicateCategoryError(f"{name!r} already exists") from exc
                 raise
+            changes = {
+                k: v
+                for k, v in (
+                    ("name", name),
+                    ("description", description),
+                    ("is_active", is_active),
+                )
+                if v is not None
+            }
+            await self._audit(actor, "category.update", str(row["id"]), changes)
         return await self.get_category(row["id"])
 
-    async def deactivate_category(self, key: CategoryKey) -> CategoryRecord:
+    async def deactivate_category(
+        self, key: CategoryKey, *, actor: str | None = None
+    ) -> CategoryRecord:
         """Mask a category from now on; its index and head row stay (contract 9)."""
-        return await self.update_category(key, is_active=False)
+        return await self.update_category(key, is_active=False, actor=actor)
 
     @guarded
-    async def delete_category(self, key: CategoryKey) -> None:
+    async def delete_category(
+        self, key: CategoryKey, *, actor: str | None = None
+    ) -> None:
         """Hard-delete a category that no model version has ever included.
 
         Its ``class_index`` is still never handed out again.
@@ -284,6 +321,50 @@ class CategoryOps(CatalogBase):
                         f"map of version {version['name']!r}; deactivate it instead"
                     )
             await t.delete().where(t.id == row["id"])
+            await self._audit(
+                actor,
+                "category.delete",
+                str(row["id"]),
+                {"name": row["name"], "class_index": index},
+            )
+
+    @guarded
+    async def category_stats(self, key: CategoryKey) -> CategoryStats:
+        """Samples reported, accuracy in the current version, versions including it.
+
+        A version "includes" a category when its class map has the category's
+        index; the per-class accuracy is the current version's
+        ``class-<index>-accuracy`` metric (centralised evaluation), if it has one.
+        """
+        category = category_from_row(await self._category_row(key))
+        index = category.class_index
+        v = self.tables.ModelVersion
+        rows = (
+            await v.select(v.name, v.class_map, v.is_current, v.metrics)
+            .where(v.num_classes > index)
+            .order_by(v.number)
+            .output(load_json=True)
+        )
+        names: list[str] = []
+        current: str | None = None
+        accuracy: float | None = None
+        for r in rows:
+            entries = json_value(r["class_map"]) or []
+            if not any(int(e["index"]) == index for e in entries):
+                continue
+            names.append(r["name"])
+            if r["is_current"]:
+                current = r["name"]
+                metrics = json_value(r["metrics"]) or {}
+                accuracy = finite_or_none(metrics.get(f"class-{index}-accuracy"))
+        return CategoryStats(
+            category=category,
+            samples_reported=category.sample_count,
+            current_version=current,
+            current_accuracy=accuracy,
+            versions_including=len(names),
+            version_names=names,
+        )
 
     @guarded
     async def snapshot(self) -> ClassMap:

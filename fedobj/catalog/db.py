@@ -31,7 +31,7 @@ from piccolo.engine.sqlite import SQLiteEngine, SQLiteTransaction, TransactionTy
 from piccolo.table import Table, create_table_class
 
 from fedobj.catalog import tables
-from fedobj.catalog.errors import DatabaseUnavailableError
+from fedobj.catalog.errors import CatalogValueError, DatabaseUnavailableError
 from fedobj.errors import ConfigError
 
 ENV_URL = "FEDOBJ_DATABASE_URL"
@@ -170,6 +170,9 @@ class BoundTables(SimpleNamespace):
     Node: type[tables.Node]
     NodeRound: type[tables.NodeRound]
     RunLease: type[tables.RunLease]
+    ApiKey: type[tables.ApiKey]
+    AuditEntry: type[tables.AuditEntry]
+    Detection: type[tables.Detection]
 
 
 def bind_tables(engine: Engine[Any]) -> BoundTables:
@@ -259,4 +262,21 @@ def unavailable_error(
             else ""
         )
         return DatabaseUnavailableError(f"cannot reach {where}: {reason}{hint}")
+    return None
+
+
+def unstorable_value_error(exc: BaseException) -> CatalogValueError | None:
+    """A :class:`CatalogValueError` for a value the database cannot hold.
+
+    A NUL character or a lone surrogate in a string (from a JSON body or a URL),
+    an integer beyond 64 bits: the driver refuses them deep inside a query.
+    They are the caller's bad input, not a server fault, so they surface as a
+    value error (the API's 422) instead of an internal error.
+    """
+    if isinstance(exc, UnicodeEncodeError):
+        return CatalogValueError(f"text the database cannot store: {exc.reason}")
+    if isinstance(exc, OverflowError):
+        return CatalogValueError(f"number out of range: {exc}")
+    if isinstance(exc, asyncpg.exceptions.DataError):
+        return CatalogValueError(f"value the database cannot store: {exc}")
     return None

@@ -57,6 +57,7 @@ class VersionRecord:
     size_bytes: int
     provenance: dict[str, Any]
     server_state_uri: str | None
+    artifacts: dict[str, dict[str, Any]]
     is_current: bool
     pruned: bool
     notes: str
@@ -118,6 +119,64 @@ class NodeRoundRecord:
 
 
 @dataclass(frozen=True)
+class CategoryStats:
+    """What the federation knows about one category (admin API ``/stats``)."""
+
+    category: CategoryRecord
+    samples_reported: int
+    current_version: str | None
+    current_accuracy: float | None
+    versions_including: int
+    version_names: list[str]
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """An API key without its secret: the keyed hash is all that is stored."""
+
+    id: uuid.UUID
+    key_id: str
+    key_hash: str
+    role: str
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One admin write."""
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DetectionRecord:
+    """One answered detection (the image's hash, never the image)."""
+
+    id: int
+    at: datetime
+    actor: str
+    image_sha256: str
+    model_version: str
+    detected: bool
+    top_class_index: int | None
+    top_confidence: float | None
+    predictions: list[dict[str, Any]]
+    inference_time_ms: float
+
+
+@dataclass(frozen=True)
 class LeaseRecord:
     """The run lease: who holds it and until when (``holder`` None: free)."""
 
@@ -170,6 +229,7 @@ def version_from_row(row: Mapping[str, Any]) -> VersionRecord:
         size_bytes=int(row["size_bytes"]),
         provenance=dict(json_value(row["provenance"]) or {}),
         server_state_uri=row["server_state_uri"],
+        artifacts=dict(json_value(row.get("artifacts")) or {}),
         is_current=bool(row["is_current"]),
         pruned=bool(row["pruned"]),
         notes=row["notes"] or "",
@@ -216,4 +276,46 @@ def node_round_from_row(row: Mapping[str, Any]) -> NodeRoundRecord:
         accuracy=row["accuracy"],
         error=row["error"],
         created_at=row["created_at"],
+    )
+
+
+def api_key_from_row(row: Mapping[str, Any]) -> ApiKeyRecord:
+    """A selected ``api_key`` row as a record."""
+    return ApiKeyRecord(
+        id=row["id"],
+        key_id=row["key_id"],
+        key_hash=row["key_hash"],
+        role=row["role"],
+        name=row["name"] or "",
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+        last_used_at=row["last_used_at"],
+    )
+
+
+def audit_from_row(row: Mapping[str, Any]) -> AuditRecord:
+    """A selected ``audit_entry`` row as a record."""
+    return AuditRecord(
+        id=int(row["id"]),
+        at=row["at"],
+        actor=row["actor"],
+        action=row["action"],
+        target=row["target"] or "",
+        detail=dict(json_value(row["detail"]) or {}),
+    )
+
+
+def detection_from_row(row: Mapping[str, Any]) -> DetectionRecord:
+    """A selected ``detection`` row as a record."""
+    return DetectionRecord(
+        id=int(row["id"]),
+        at=row["at"],
+        actor=row["actor"],
+        image_sha256=row["image_sha256"],
+        model_version=row["model_version"],
+        detected=bool(row["detected"]),
+        top_class_index=row["top_class_index"],
+        top_confidence=row["top_confidence"],
+        predictions=list(json_value(row["predictions"]) or []),
+        inference_time_ms=float(row["inference_time_ms"]),
     )

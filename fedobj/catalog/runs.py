@@ -253,7 +253,7 @@ class RunOps(CatalogBase):
         return [node_round_from_row(r) for r in await query]
 
     @guarded
-    async def forget_node(self, node_id: str | int) -> int:
+    async def forget_node(self, node_id: str | int, *, actor: str | None = None) -> int:
         """Delete a node and every per-node metric it left (right to be forgotten).
 
         Model versions stay: they hold aggregates, not the node's data. Returns the
@@ -270,4 +270,11 @@ class RunOps(CatalogBase):
             gone_node = (
                 await n.delete().where(n.node_id == key).returning(n._meta.primary_key)
             )
+            if gone or gone_node:
+                await self._audit(
+                    actor,
+                    "node.forget",
+                    key,
+                    {"rows_removed": len(gone) + len(gone_node)},
+                )
         return len(gone) + len(gone_node)

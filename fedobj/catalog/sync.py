@@ -22,7 +22,10 @@ from fedobj.catalog.catalog import Catalog
 from fedobj.catalog.categories import CategoryKey
 from fedobj.catalog.migrate import migrate
 from fedobj.catalog.records import (
+    ApiKeyRecord,
+    AuditRecord,
     CategoryRecord,
+    CategoryStats,
     LeaseRecord,
     NodeRecord,
     NodeRoundRecord,
@@ -77,9 +80,11 @@ class SyncCatalog:
 
     # ------------------------------------------------------------ categories
 
-    def add_category(self, name: str, description: str = "") -> CategoryRecord:
+    def add_category(
+        self, name: str, description: str = "", *, actor: str | None = None
+    ) -> CategoryRecord:
         """See :meth:`Catalog.add_category`."""
-        return _run(self.aio.add_category(name, description))
+        return _run(self.aio.add_category(name, description, actor=actor))
 
     def list_categories(
         self,
@@ -108,21 +113,32 @@ class SyncCatalog:
         name: str | None = None,
         description: str | None = None,
         is_active: bool | None = None,
+        actor: str | None = None,
     ) -> CategoryRecord:
         """See :meth:`Catalog.update_category`."""
         return _run(
             self.aio.update_category(
-                key, name=name, description=description, is_active=is_active
+                key,
+                name=name,
+                description=description,
+                is_active=is_active,
+                actor=actor,
             )
         )
 
-    def deactivate_category(self, key: CategoryKey) -> CategoryRecord:
+    def deactivate_category(
+        self, key: CategoryKey, *, actor: str | None = None
+    ) -> CategoryRecord:
         """See :meth:`Catalog.deactivate_category`."""
-        return _run(self.aio.deactivate_category(key))
+        return _run(self.aio.deactivate_category(key, actor=actor))
 
-    def delete_category(self, key: CategoryKey) -> None:
+    def delete_category(self, key: CategoryKey, *, actor: str | None = None) -> None:
         """See :meth:`Catalog.delete_category`."""
-        _run(self.aio.delete_category(key))
+        _run(self.aio.delete_category(key, actor=actor))
+
+    def category_stats(self, key: CategoryKey) -> CategoryStats:
+        """See :meth:`Catalog.category_stats`."""
+        return _run(self.aio.category_stats(key))
 
     def snapshot(self) -> ClassMap:
         """See :meth:`Catalog.snapshot`."""
@@ -201,9 +217,28 @@ class SyncCatalog:
         """See :meth:`Catalog.current_version`."""
         return _run(self.aio.current_version())
 
-    def set_current(self, key: VersionKey) -> VersionRecord:
+    def set_current(
+        self, key: VersionKey, *, actor: str | None = None
+    ) -> VersionRecord:
         """See :meth:`Catalog.set_current`."""
-        return _run(self.aio.set_current(key))
+        return _run(self.aio.set_current(key, actor=actor))
+
+    def record_artifact(
+        self,
+        key: VersionKey,
+        fmt: str,
+        *,
+        uri: str,
+        sha256: str,
+        size: int,
+        **extra: Any,
+    ) -> VersionRecord:
+        """See :meth:`Catalog.record_artifact`."""
+        return _run(
+            self.aio.record_artifact(
+                key, fmt, uri=uri, sha256=sha256, size=size, extra=extra
+            )
+        )
 
     def best_version(
         self, class_map: ClassMap, *, include_pruned: bool = False
@@ -317,9 +352,37 @@ class SyncCatalog:
         """See :meth:`Catalog.node_rounds`."""
         return _run(self.aio.node_rounds(run_id, round))
 
-    def forget_node(self, node_id: str | int) -> int:
+    def forget_node(self, node_id: str | int, *, actor: str | None = None) -> int:
         """See :meth:`Catalog.forget_node`."""
-        return _run(self.aio.forget_node(node_id))
+        return _run(self.aio.forget_node(node_id, actor=actor))
+
+    # ------------------------------------------------------------ keys, audit
+
+    def create_api_key(
+        self,
+        key_id: str,
+        key_hash: str,
+        role: str,
+        name: str = "",
+        *,
+        actor: str | None = None,
+    ) -> ApiKeyRecord:
+        """See :meth:`Catalog.create_api_key`."""
+        return _run(self.aio.create_api_key(key_id, key_hash, role, name, actor=actor))
+
+    def list_api_keys(self, include_revoked: bool = False) -> list[ApiKeyRecord]:
+        """See :meth:`Catalog.list_api_keys`."""
+        return _run(self.aio.list_api_keys(include_revoked))
+
+    def revoke_api_key(self, key_id: str, *, actor: str | None = None) -> ApiKeyRecord:
+        """See :meth:`Catalog.revoke_api_key`."""
+        return _run(self.aio.revoke_api_key(key_id, actor=actor))
+
+    def list_audit(
+        self, *, action: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[AuditRecord]:
+        """See :meth:`Catalog.list_audit`."""
+        return _run(self.aio.list_audit(action=action, limit=limit, offset=offset))
 
     # ------------------------------------------------------------ lease
 

@@ -92,6 +92,7 @@ class ModelVersion(Table, tablename="model_version"):
     size_bytes = BigInt(default=0)
     provenance = JSON()
     server_state_uri = Text(null=True, default=None)
+    artifacts = JSON(default={})
     is_current = Boolean(default=False)
     pruned = Boolean(default=False)
     notes = Text(default="")
@@ -159,6 +160,47 @@ class RunLease(Table, tablename="run_lease"):
     expires_at = Timestamptz(null=True, default=None)
 
 
+class ApiKey(Table, tablename="api_key"):
+    """An admin-API key: only its keyed hash is stored (``fedobj.apikeys``).
+
+    ``key_id`` is the public part of the token (``fo_<key_id>_<secret>``): the
+    lookup is one indexed equality, then one constant-time hash comparison.
+    """
+
+    id = UUID(primary_key=True)
+    key_id = Varchar(length=32, unique=True)
+    key_hash = Varchar(length=64)
+    role = Varchar(length=16)
+    name = Varchar(length=NAME_MAX, default="")
+    created_at = Timestamptz()
+    revoked_at = Timestamptz(null=True, default=None)
+    last_used_at = Timestamptz(null=True, default=None)
+
+
+class AuditEntry(Table, tablename="audit_entry"):
+    """One admin write: who (key id, or ``cli:<user>``), what, on what, when."""
+
+    at = Timestamptz(index=True)
+    actor = Varchar(length=64)
+    action = Varchar(length=64)
+    target = Varchar(length=NAME_MAX, default="")
+    detail = JSON(default={})
+
+
+class Detection(Table, tablename="detection"):
+    """One answered detection: the image's hash, never the image."""
+
+    at = Timestamptz(index=True)
+    actor = Varchar(length=64)
+    image_sha256 = Varchar(length=64)
+    model_version = Varchar(length=NAME_MAX)
+    detected = Boolean(default=False)
+    top_class_index = Integer(null=True, default=None)
+    top_confidence = DoublePrecision(null=True, default=None)
+    predictions = JSON(default=[])
+    inference_time_ms = DoublePrecision(default=0.0)
+
+
 ALL_TABLES: tuple[type[Table], ...] = (
     Category,
     Counter,
@@ -167,4 +209,7 @@ ALL_TABLES: tuple[type[Table], ...] = (
     Node,
     NodeRound,
     RunLease,
+    ApiKey,
+    AuditEntry,
+    Detection,
 )

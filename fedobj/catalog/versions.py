@@ -25,7 +25,7 @@ from fedobj.catalog.errors import (
     NotFoundError,
     VersionPrunedError,
 )
-from fedobj.catalog.records import VersionRecord, version_from_row
+from fedobj.catalog.records import VersionRecord, json_value, version_from_row
 from fedobj.catalog.tables import NAME_MAX
 from fedobj.classmap import ClassMap
 
@@ -189,7 +189,9 @@ class VersionOps(CatalogBase):
         return None if row is None else version_from_row(row)
 
     @guarded
-    async def set_current(self, key: VersionKey) -> VersionRecord:
+    async def set_current(
+        self, key: VersionKey, *, actor: str | None = None
+    ) -> VersionRecord:
         """Make ``key`` the current version (a rollback when it is older).
 
         Raises
@@ -212,6 +214,9 @@ class VersionOps(CatalogBase):
                     t.is_current == True  # noqa: E712
                 )
                 await t.update({t.is_current: True}).where(t.id == row["id"])
+            await self._audit(
+                actor, "version.set_current", str(row["id"]), {"name": row["name"]}
+            )
         return await self.get_version(row["id"])
 
     @guarded
@@ -255,6 +260,52 @@ class VersionOps(CatalogBase):
                     f"version {row['name']!r} is current; it cannot be pruned"
                 )
             await t.update({t.pruned: True}).where(t.id == row["id"])
+        return await self.get_version(row["id"])
+
+    @guarded
+    async def count_versions(
+        self, *, run_id: str | None = None, include_pruned: bool = True
+    ) -> int:
+        """How many versions :meth:`list_versions` would page through."""
+        t = self.tables.ModelVersion
+        query = t.count()
+        if run_id is not None:
+            query = query.where(t.run_id == run_id)
+        if not include_pruned:
+            query = query.where(t.pruned == False)  # noqa: E712
+        return int(await query)
+
+    @guarded
+    async def record_artifact(
+        self,
+        key: VersionKey,
+        fmt: str,
+        *,
+        uri: str,
+        sha256: str,
+        size: int,
+        extra: Mapping[str, Any] | None = None,
+    ) -> VersionRecord:
+        """Record an exported artifact of a version (``onnx``, ``onnx-int8``, ...).
+
+        ``artifacts[fmt]`` holds its URI, hash, size and whatever the exporter
+        measured (``extra``: parity, latency); ``onnx`` also fills ``onnx_uri``.
+        Read-modify-write under the write lock, so two exports of different
+        formats racing each other both land.
+        """
+        t = self.tables.ModelVersion
+        async with self._write():
+            await self._lock("model_version", _MOVE_LOCK)
+            row = await self._version_row(key)
+            artifacts = dict(json_value(row.get("artifacts")) or {})
+            artifacts[fmt] = plain_json(
+                {"uri": uri, "sha256": sha256, "size": int(size), **(extra or {})},
+                f"artifact {fmt}",
+            )
+            values: dict[Any, Any] = {t.artifacts: artifacts}
+            if fmt == "onnx":
+                values[t.onnx_uri] = uri
+            await t.update(values).where(t.id == row["id"])
         return await self.get_version(row["id"])
 
     @guarded

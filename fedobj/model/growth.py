@@ -14,11 +14,12 @@ until training moves it; new rows are initialised per ``head-init``:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 HEAD_INITS = ("mean", "random", "zeros")
+HEAD_ALIGNS = ("none", "norm")
 
 
 def grow_rows(
@@ -73,3 +74,27 @@ def grow_head(
             )
         out[key] = grow_rows(arrays[key], new_n, init, seed)
     return out
+
+
+def align_new_rows(
+    weight: np.ndarray, old: Sequence[int], new: Sequence[int]
+) -> tuple[np.ndarray, float]:
+    """Scale the ``new`` rows so their mean norm equals the ``old`` rows' mean norm.
+
+    Weight aligning (Zhao et al., CVPR 2020): after a growth the rows of classes
+    trained for fewer rounds, or by fewer nodes, end up with a different scale
+    than the old ones, and the argmax favours whichever group is larger. Matching
+    the mean row norms removes that bias without touching the rows' directions.
+    Returns the new weight (a copy) and the factor applied (1.0 if nothing to do).
+    """
+    out = np.array(weight, copy=True)
+    if not old or not new:
+        return out, 1.0
+    flat = out.reshape(out.shape[0], -1)
+    old_norm = float(np.linalg.norm(flat[list(old)], axis=1).mean())
+    new_norm = float(np.linalg.norm(flat[list(new)], axis=1).mean())
+    if not (np.isfinite(old_norm) and np.isfinite(new_norm)) or new_norm == 0.0:
+        return out, 1.0
+    gamma = old_norm / new_norm
+    out[list(new)] *= np.asarray(gamma, dtype=out.dtype)
+    return out, gamma

@@ -76,6 +76,9 @@ KINDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 # tests that do not test migrations share one migrated database per kind.
 RESET = (
     "DELETE FROM node_round",
+    "DELETE FROM detection",
+    "DELETE FROM audit_entry",
+    "DELETE FROM api_key",
     "DELETE FROM node",
     "DELETE FROM training_round",
     "UPDATE model_version SET parent = NULL",
