@@ -23,9 +23,7 @@ ServerDep = NamedDependency[ModelServer]
 Limit = Annotated[
     int, Parameter(ge=1, le=MAX_PAGE, description=f"page size (1-{MAX_PAGE})")
 ]
-Offset = Annotated[
-    int, Parameter(ge=0, le=MAX_OFFSET, description="items to skip")
-]
+Offset = Annotated[int, Parameter(ge=0, le=MAX_OFFSET, description="items to skip")]
 
 
 def provide_catalog(state: State) -> Catalog:

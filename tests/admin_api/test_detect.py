@@ -67,7 +67,9 @@ def test_inactive_category_is_never_predicted(
 
 
 def test_new_current_version_is_used_by_the_next_request(
-    api: ApiEnv, trained_state, test_images  # type: ignore[no-untyped-def]
+    api: ApiEnv,
+    trained_state,
+    test_images,  # type: ignore[no-untyped-def]
 ) -> None:
     assert _detect(api, test_images[0][0]).json()["model_version"] == "v0001"
     newer = register_trained_version(
@@ -117,7 +119,10 @@ def _bomb_png() -> bytes:
     ids=["text", "empty", "truncated", "tiny", "bomb"],
 )
 def test_bad_images_are_400_and_the_server_keeps_answering(
-    api: ApiEnv, data: bytes, words: str, test_images  # type: ignore[no-untyped-def]
+    api: ApiEnv,
+    data: bytes,
+    words: str,
+    test_images,  # type: ignore[no-untyped-def]
 ) -> None:
     resp = _detect(api, data)
     assert resp.status_code == 400, resp.text

@@ -169,6 +169,6 @@ def test_no_server_errors_for_generated_requests(served: Served) -> None:
 
         check()
     assert operations >= 15
-    assert not failures, "\n".join(failures[:10]) + "\n" + served.log.read_text()[
-        -3000:
-    ]
+    assert not failures, (
+        "\n".join(failures[:10]) + "\n" + served.log.read_text()[-3000:]
+    )
