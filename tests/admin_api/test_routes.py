@@ -283,3 +283,42 @@ def test_metrics_prometheus_text(api: ApiEnv) -> None:
     assert "fedobj_http_requests_total" in text
     assert "fedobj_http_request_duration_seconds_bucket" in text
     assert f'fedobj_current_version_info{{version="{api.version.name}"}} 1.0' in text
+
+
+def _app_with(api: ApiEnv, **overrides: object):  # type: ignore[no-untyped-def]
+    from litestar.testing import TestClient
+
+    from admin_api import ApiSettings, create_app
+
+    settings = ApiSettings(
+        outputs_dir=api.outputs,
+        database_url=api.catalog.aio.spec.target,
+        **overrides,  # type: ignore[arg-type]
+    )
+    return TestClient(create_app(settings))
+
+
+def test_rate_limit_answers_429_problem(api: ApiEnv) -> None:
+    with _app_with(api, rate_limit_per_second=3) as client:
+        codes = [
+            client.get(f"{V1}/categories", headers=api.auth("viewer")).status_code
+            for _ in range(6)
+        ]
+        assert codes[:3] == [200, 200, 200] and 429 in codes[3:], codes
+        limited = client.get(f"{V1}/categories", headers=api.auth("viewer"))
+        _problem(limited, 429)
+        assert client.get("/health").status_code == 200  # not limited
+
+
+def test_cors_off_by_default_and_on_when_configured(api: ApiEnv) -> None:
+    origin = {"Origin": "https://admin.example.org"}
+    plain = api.client.get("/health", headers=origin)
+    assert "access-control-allow-origin" not in plain.headers
+    with _app_with(
+        api, rate_limit_per_second=0, cors_origins=("https://admin.example.org",)
+    ) as client:
+        allowed = client.get("/health", headers=origin)
+        assert (
+            allowed.headers["access-control-allow-origin"]
+            == "https://admin.example.org"
+        )

@@ -7,14 +7,8 @@ SIGKILL after a grace period) and checked gone at the end.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,21 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from fedobj.catalog import SyncCatalog
 from fedobj.registry import ArtifactStore
 from tests.admin_api.conftest import make_keys, png_bytes, register_trained_version
-from tests.conftest import ROOT, free_port
+from tests.admin_api.server import Served, serve
 from tests.fedobj.catalog.conftest import KINDS, _empty_database
-
-FEDOBJ = str(Path(sys.executable).with_name("fedobj"))
-
-
-@dataclass
-class Served:
-    base_url: str
-    keys: dict[str, str]
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def auth(self, role: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys[role]}"}
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -57,53 +38,8 @@ def served(
             catalog, ArtifactStore(outputs), trained_state, catalog.snapshot()
         )
         keys = make_keys(catalog, outputs / "api-secret")
-        port = free_port()
-        log = outputs / "server.log"
-        env = {**os.environ, "FEDOBJ_OUTPUTS_DIR": str(outputs)}
-        env.pop("FEDOBJ_API_SECRET", None)
-        with open(log, "wb") as fh:
-            proc = subprocess.Popen(
-                [
-                    FEDOBJ,
-                    "admin",
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--db",
-                    url,
-                    "--rate-limit",
-                    "0",
-                    "--log-level",
-                    "warning",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-            )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"server did not come up:\n{log.read_text()[-3000:]}")
-                time.sleep(0.3)
-            yield Served(base, keys, proc, log)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-            assert proc.returncode is not None
+        with serve(outputs, url, keys) as served:
+            yield served
 
 
 def test_real_server_over_http(served: Served) -> None:

@@ -118,3 +118,47 @@ def test_versions_prune_keeps_current_newest_and_parents(tmp_path: Path) -> None
     assert [n for n, v in sorted(by_name.items()) if v.pruned] == ["v0002"]
     assert not (tmp_path / "reg" / "r" / "2.pt").exists()
     assert (tmp_path / "reg" / "r" / "1.pt").exists()
+
+
+def test_admin_keys_commands_and_cli_writes_are_audited(
+    tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from fedobj.apikeys import hash_token, key_id_of, load_secret
+
+    monkeypatch.delenv("FEDOBJ_API_SECRET", raising=False)
+    db = str(tmp_path / "c.db")
+    made = runner.invoke(
+        app,
+        ["admin", "keys", "create", "--role", "viewer", "--name", "grafana"]
+        + ["--db", db, "--outputs", str(tmp_path)],
+    )
+    assert made.exit_code == 0, made.output
+    token = made.stdout.strip().splitlines()[-1]
+    key_id = key_id_of(token)
+    assert key_id is not None
+    secret_file = tmp_path / "api-secret"
+    assert secret_file.stat().st_mode & 0o077 == 0  # owner-only
+    catalog = SyncCatalog(db)
+    stored = catalog.list_api_keys()[0]
+    assert stored.key_hash == hash_token(load_secret(secret_file), token)
+
+    listed = runner.invoke(app, ["admin", "keys", "list", "--db", db])
+    assert key_id in listed.output and "grafana" in listed.output
+    assert token not in listed.output
+    bad_role = runner.invoke(
+        app, ["admin", "keys", "create", "--role", "root", "--db", db]
+    )
+    assert bad_role.exit_code == 2 and "role" in bad_role.output
+    gone = runner.invoke(app, ["admin", "keys", "revoke", key_id, "--db", db])
+    assert gone.exit_code == 0 and "revoked" in gone.output
+    assert catalog.list_api_keys() == []
+    unknown = runner.invoke(app, ["admin", "keys", "revoke", "0000000000", "--db", db])
+    assert unknown.exit_code == 2
+
+    runner.invoke(app, ["catalog", "add", "Bag", "--db", db])
+    actions = [(a.action, a.actor.split(":")[0]) for a in catalog.list_audit()]
+    assert actions[:3] == [
+        ("category.create", "cli"),
+        ("key.revoke", "cli"),
+        ("key.create", "cli"),
+    ]
