@@ -428,8 +428,18 @@ def admin_serve(
         list[str] | None, typer.Option(help="allowed CORS origin (repeat); none: off")
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    ssl_certfile: Annotated[
+        Path | None, typer.Option(help="TLS certificate (PEM); serves HTTPS")
+    ] = None,
+    ssl_keyfile: Annotated[
+        Path | None, typer.Option(help="TLS private key (PEM)")
+    ] = None,
 ) -> None:
-    """Serve the admin API with uvicorn (docs at /schema/swagger)."""
+    """Serve the admin API with uvicorn (docs at /schema/swagger).
+
+    Keys travel as bearer tokens: off 127.0.0.1, serve HTTPS (``--ssl-certfile``
+    and ``--ssl-keyfile``) or put a TLS-terminating proxy in front.
+    """
     import uvicorn
 
     from admin_api import ApiSettings, create_app
@@ -445,7 +455,16 @@ def admin_serve(
         )
     except FedObjError as exc:
         raise _fail(exc) from exc
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise _fail(ValueError("--ssl-certfile and --ssl-keyfile go together"))
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=log_level,
+        ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+        ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
+    )
 
 
 @keys_app.command("create")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ def serve(
     *,
     registry: Path | None = None,
     extra: tuple[str, ...] = (),
+    tls_ca: Path | None = None,
 ) -> Iterator[Served]:
     """``fedobj admin serve`` on a free 127.0.0.1 port until the block ends.
 
@@ -69,12 +71,18 @@ def serve(
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT
         )
-    base = f"http://127.0.0.1:{port}"
+    base = f"{'https' if tls_ca else 'http'}://127.0.0.1:{port}"
+    verify: ssl.SSLContext | bool = (
+        ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else True
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                if (
+                    httpx.get(f"{base}/health", timeout=2, verify=verify).status_code
+                    == 200
+                ):
                     break
             except httpx.TransportError:
                 pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -108,3 +109,72 @@ def test_no_server_errors_for_generated_requests(served: Served) -> None:
     assert not failures, (
         "\n".join(failures[:10]) + "\n" + served.log.read_text()[-3000:]
     )
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (what a deployment's CA would sign)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "api.crt", folder / "api.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def test_serves_https_with_a_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    catalog = SyncCatalog(url)
+    catalog.migrate()
+    keys = make_keys(catalog, tmp_path / "api-secret")
+    with serve(
+        tmp_path,
+        url,
+        keys,
+        extra=("--ssl-certfile", str(cert), "--ssl-keyfile", str(key)),
+        tls_ca=cert,
+    ) as served:
+        assert served.base_url.startswith("https://")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        resp = httpx.get(
+            f"{served.base_url}/api/v1/categories",
+            headers=served.auth("viewer"),
+            verify=ctx,
+        )
+        assert resp.status_code == 200
+        with pytest.raises(httpx.ConnectError):  # no certificate trust, no talk
+            httpx.get(f"{served.base_url}/health")
