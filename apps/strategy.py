@@ -23,10 +23,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Result, Strategy
 
+from apps.exchange import NodeOutcome as NodeResult
+from apps.exchange import ReplyFolder, exchange, outcome_of
 from apps.perffedavg import PerfFedAvg
 from apps.records import put_model_context
 from fedobj import keys
-from fedobj.aggregation import validate_update
 from fedobj.catalog import SyncCatalog
 from fedobj.catalog.records import VersionRecord
 from fedobj.classmap import ClassMap
@@ -42,16 +43,6 @@ log = logging.getLogger("fedobj.strategy")
 
 class NoActiveCategoryError(FedObjError):
     """The catalog has no active category: there is nothing to train."""
-
-
-@dataclass
-class NodeResult:
-    """One node's reply in one round: its metrics, or why it was not used."""
-
-    node_id: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-    labels: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,61 +84,6 @@ def make_inner_strategy(cfg: RunConfig) -> FedAvg:
     if cfg.strategy == "perffedavg":
         return PerfFedAvg(**common, perf_alpha=cfg.perf_alpha)
     raise ValueError(f"unknown strategy {cfg.strategy!r}")  # RunConfig rejects it first
-
-
-def node_results(replies: Iterable[Message]) -> tuple[list[Message], list[NodeResult]]:
-    """Materialise replies and read each one's numeric metrics (or its error)."""
-    replies = list(replies)
-    out = []
-    for msg in replies:
-        node = msg.metadata.src_node_id
-        if msg.has_error():
-            out.append(NodeResult(node, error=str(msg.error.reason)))
-            continue
-        values: dict[str, float] = {}
-        for record in msg.content.metric_records.values():
-            for k, v in record.items():
-                if isinstance(v, (int, float)):
-                    values[k] = float(v)
-        hist = msg.content.config_records.get(keys.LABEL_HISTOGRAM)
-        labels = (
-            {str(k): int(v) for k, v in hist.items() if isinstance(v, int)}
-            if hist is not None
-            else {}
-        )
-        out.append(NodeResult(node, values, labels=labels))
-    return replies, out
-
-
-def validate_replies(
-    replies: list[Message], reference: ArrayRecord
-) -> tuple[list[Message], list[NodeResult]]:
-    """Keep the replies that may be aggregated; explain each one that may not.
-
-    Contract 5: an error reply, a missing model, shapes unlike the broadcast model
-    (a pre-growth head included), non-finite values or a non-positive example count
-    are removed here, before the inner strategy (or a DP wrapper) sees them.
-    """
-    shapes = {k: tuple(v.shape) for k, v in reference.items()}
-    valid, rejected = [], []
-    for msg in replies:
-        node = msg.metadata.src_node_id
-        if msg.has_error():
-            rejected.append(NodeResult(node, error=f"error reply: {msg.error.reason}"))
-            continue
-        content = msg.content
-        if keys.ARRAYS not in content.array_records:
-            rejected.append(NodeResult(node, error="reply has no model arrays"))
-            continue
-        metrics = content.metric_records.get(keys.METRICS)
-        n = metrics.get(keys.NUM_EXAMPLES) if metrics is not None else None
-        arrays = {k: v.numpy() for k, v in content.array_records[keys.ARRAYS].items()}
-        reason = validate_update(arrays, shapes, n if n is not None else float("nan"))
-        if reason:
-            rejected.append(NodeResult(node, error=reason))
-        else:
-            valid.append(msg)
-    return valid, rejected
 
 
 def _num_examples(msg: Message) -> float:
@@ -223,6 +159,9 @@ class CatalogStrategy(Strategy):
         if promote not in ("latest", "best"):
             raise ValueError(f"promote must be 'latest' or 'best', got {promote!r}")
         self.inner = inner
+        # FedAvg, FedProx and PerfFedAvg aggregate as replies arrive; FedAdam
+        # (and any wrapper) needs every reply together (apps/exchange.py)
+        self.streams = type(inner) in (FedAvg, FedProx, PerfFedAvg)
         self.catalog = catalog
         self.store = store
         self.model_args = model_args
@@ -395,10 +334,14 @@ class CatalogStrategy(Strategy):
         messages = list(self.configure_train(server_round, arrays, train_config, grid))
         report.sampled = len(messages)
         self.catalog.start_round(self.run_id, server_round, len(messages))
-        replies, report.train = node_results(
-            grid.send_and_receive(messages, timeout=timeout)
+        folder = ReplyFolder(
+            arrays,
+            stream=self.streams,
+            perf_alpha=getattr(self.inner, "perf_alpha", None),
         )
-        valid, report.rejected = validate_replies(replies, arrays)
+        exchange(grid, messages, timeout, folder)
+        del messages
+        report.train, report.rejected = folder.outcomes, folder.rejected
         for bad in report.rejected:
             log.warning(
                 "round %d: reply from node %d rejected: %s",
@@ -406,25 +349,31 @@ class CatalogStrategy(Strategy):
                 bad.node_id,
                 bad.error,
             )
-        if len(valid) >= self.min_replies:
-            aggregated, _ = self.aggregate_train(server_round, valid)
+        if folder.valid_count >= self.min_replies:
+            aggregated, _ = (
+                folder.aggregate()
+                if folder.stream
+                else self.aggregate_train(server_round, folder.valid)
+            )
             if aggregated is not None:
                 arrays = self._align(aggregated)
         else:
             log.warning(
                 "round %d: %d valid replies (< %d): the model is unchanged",
                 server_round,
-                len(valid),
+                folder.valid_count,
                 self.min_replies,
             )
+        valid_count = folder.valid_count
+        del folder
 
         eval_msgs = list(
             self.configure_evaluate(server_round, arrays, evaluate_config, grid)
         )
         if eval_msgs:
-            eval_replies, report.evaluate = node_results(
-                grid.send_and_receive(eval_msgs, timeout=timeout)
-            )
+            eval_replies: list[Message] = []
+            exchange(grid, eval_msgs, timeout, eval_replies.append)
+            report.evaluate = [outcome_of(m) for m in eval_replies]
             ok = [
                 m for m in eval_replies if not m.has_error() and _num_examples(m) > 0
             ]  # Flower divides by the summed weights
@@ -433,7 +382,7 @@ class CatalogStrategy(Strategy):
         if self.evaluate_fn is not None:
             report.central = self.evaluate_fn(server_round, arrays, self.class_map)
         report.version = self._register(server_round, arrays, report)
-        self._record(report, len(valid))
+        self._record(report, valid_count)
         if self.on_round is not None:
             self.on_round(report)
         return arrays, report

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -79,35 +81,146 @@ def perf_fedavg_weights(
     return np.asarray(alpha * data_w + (1.0 - alpha) * acc / acc.sum())
 
 
-class StreamingMean:
-    """Weighted mean of array dicts, folded one update at a time.
+NPY_MAGIC = b"\x93NUMPY"
 
-    Sums are kept in float64 (one buffer per array, allocated once) so that hundreds
-    of float32 updates lose no precision; each update is folded in place and can be
-    dropped right after. ``result()`` returns float32 arrays (the dtype of the model)
-    or the reference dtype for non-float arrays.
+
+def array_view(array: Any) -> np.ndarray:
+    """A read-only numpy view of a Flower ``Array``'s bytes, without a copy.
+
+    ``Array.numpy()`` runs ``np.load`` on the bytes: a full copy of every update.
+    An ``Array`` made from a numpy array holds ``np.save`` output, a small header
+    then the raw buffer, so the data starts ``nbytes`` before the end; the header
+    is checked for the magic and for C order, else this falls back to ``numpy()``.
+    """
+    dtype = np.dtype(array.dtype)
+    shape = tuple(int(d) for d in array.shape)
+    data = array.data
+    count = math.prod(shape)
+    offset = len(data) - count * dtype.itemsize
+    if (
+        array.stype == "numpy.ndarray"
+        and offset > len(NPY_MAGIC)
+        and data[: len(NPY_MAGIC)] == NPY_MAGIC
+        and b"'fortran_order': False" in data[:offset]
+        and dtype.kind in "fiub"
+    ):
+        view = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+        return view.reshape(shape)
+    return np.asarray(array.numpy())
+
+
+GROUP_BYTES = 256 * 2**20
+"""Updates held before a fold: at most this much (and 2 to 32 updates)."""
+
+
+class StreamingMean:
+    """Weighted mean of array dicts, folded a few updates at a time.
+
+    Updates are held in a small group (``group``; default: as many as fit in
+    :data:`GROUP_BYTES`, 2 to 32) and folded together
+    in cache-sized chunks: a chunk of the running sum stays in cache while every
+    update of the group is added to it, so the float64 sums are read and written
+    once per group instead of once per update, and memory never holds more than
+    ``group`` updates, however many nodes reply. Within a chunk the group's
+    weighted sum is formed in float32 (at most ``group`` terms), then added to the
+    float64 sums, so hundreds of float32 updates lose no precision.
+    With ``threads`` > 1 the arrays are split into equal shares folded in
+    parallel (numpy releases the GIL inside each operation).
+    ``result()`` returns arrays of the reference's dtypes (ints rounded).
     """
 
-    def __init__(self, reference: Mapping[str, np.ndarray]) -> None:
+    def __init__(
+        self,
+        reference: Mapping[str, np.ndarray],
+        *,
+        group: int | None = None,
+        chunk: int = 1 << 16,
+        threads: int = 1,
+    ) -> None:
+        if (group is not None and group < 1) or chunk < 1 or threads < 1:
+            raise ValueError("group, chunk and threads must be >= 1")
         self.dtypes = {k: v.dtype for k, v in reference.items()}
         self.sums = {
             k: np.zeros(v.shape, dtype=np.float64) for k, v in reference.items()
         }
+        update_bytes = sum(v.nbytes for v in reference.values())
+        self.group = group or max(2, min(32, GROUP_BYTES // max(update_bytes, 1)))
+        self.chunk = chunk
         self.total_weight = 0.0
         self.count = 0
+        self._pending: list[tuple[Mapping[str, np.ndarray], float]] = []
+        # keys split into `threads` shares of about equal size (largest first)
+        shares: list[list[str]] = [[] for _ in range(threads)]
+        loads = [0] * threads
+        for key in sorted(self.sums, key=lambda k: -self.sums[k].size):
+            i = loads.index(min(loads))
+            shares[i].append(key)
+            loads[i] += self.sums[key].size
+        self._keys = shares
+        self._buffers = [
+            (np.empty(chunk, dtype=np.float32), np.empty(chunk, dtype=np.float32))
+            for _ in range(threads)
+        ]
+        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
     def add(self, arrays: Mapping[str, np.ndarray], weight: float) -> None:
+        """Fold ``arrays`` in with ``weight`` (kept until its group is folded)."""
         if weight <= 0 or not math.isfinite(weight):
             raise ValueError(f"weight must be a positive finite number, got {weight}")
-        for key, acc in self.sums.items():
-            # acc += weight * x, without a float64 temporary of the whole array
-            np.add(acc, np.multiply(arrays[key], weight, dtype=np.float64), out=acc)
+        self._pending.append((arrays, float(weight)))
         self.total_weight += weight
         self.count += 1
+        if len(self._pending) >= self.group:
+            self._fold()
+
+    def _fold(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        if self._pool is None:
+            self._fold_keys(pending, self._keys[0], 0)
+            return
+        jobs = [
+            self._pool.submit(self._fold_keys, pending, keys, i)
+            for i, keys in enumerate(self._keys)
+        ]
+        for job in jobs:
+            job.result()
+
+    def _fold_keys(
+        self,
+        pending: list[tuple[Mapping[str, np.ndarray], float]],
+        keys: list[str],
+        worker: int,
+    ) -> None:
+        part, term = self._buffers[worker]
+        for key in keys:
+            flat = self.sums[key].reshape(-1)
+            terms = [(np.asarray(a[key]).reshape(-1), w) for a, w in pending]
+            if flat.size <= self.chunk or terms[0][0].dtype != np.float32:
+                for x, w in terms:
+                    flat += np.multiply(x, w, dtype=np.float64)
+                continue
+            for start in range(0, flat.size, self.chunk):
+                stop = min(start + self.chunk, flat.size)
+                n = stop - start
+                p, t = part[:n], term[:n]
+                x0, w0 = terms[0]
+                np.multiply(x0[start:stop], np.float32(w0), out=p)
+                for x, w in terms[1:]:
+                    np.multiply(x[start:stop], np.float32(w), out=t)
+                    np.add(p, t, out=p)
+                np.add(flat[start:stop], p, out=flat[start:stop])
 
     def result(self) -> dict[str, np.ndarray]:
+        """The weighted mean so far (folds what is still pending)."""
         if self.count == 0:
             raise ValueError("no update was added")
+        self._fold()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+            self._keys = [[k for share in self._keys for k in share]]
         out = {}
         for key, acc in self.sums.items():
             mean = acc / self.total_weight

@@ -1,4 +1,7 @@
-"""Predictions from an exported ONNX model, with onnxruntime, numpy and Pillow only.
+"""Predictions from an exported model, with onnxruntime, numpy and Pillow only.
+
+A model is an ONNX file or an ORT-format file (the mobile artifact); both carry
+the same metadata and load the same way (:meth:`Predictor.from_bytes`).
 
 Serving must not pay for torch (hundreds of MB, seconds to import), so this module
 never imports it, directly or through another fedobj module: an exported file
@@ -42,6 +45,11 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 _MAX_BATCH = 64  # images per session run: bounds the input tensor's memory
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
+def is_ort_format(data: bytes) -> bool:
+    """Whether ``data`` is an ORT-format model (a flatbuffer tagged ``ORTM``)."""
+    return len(data) >= 8 and data[4:8] == b"ORTM"
 
 
 class InferenceError(FedObjError):
@@ -240,20 +248,29 @@ class Predictor:
     def from_bytes(
         cls, data: bytes, version_name: str | None = None, *, threads: int = 1
     ) -> Predictor:
-        """Load an export of :mod:`fedobj.export`; ``version_name`` overrides its own.
+        """Load an export of :mod:`fedobj.export` (ONNX or ORT format);
+        ``version_name`` overrides its own.
 
         One intra-op thread by default: a server answers requests in parallel, and
-        threads per request beyond that only contend for the same cores.
+        threads per request beyond that only contend for the same cores. Every
+        graph optimisation is on: ORT_ENABLE_EXTENDED (no NCHWc layout) measured
+        1.3-2x slower here, and other session options (denormals as zero, no
+        memory pattern, an offline-optimised file) no faster, within noise
+        (``simulations/bench/inference.py``).
         """
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if is_ort_format(data):
+            options.add_session_config_entry("session.load_model_format", "ORT")
         try:
             session = ort.InferenceSession(
                 data, options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
-            raise InferenceError(f"not a loadable ONNX model: {exc}") from exc
+            raise InferenceError(
+                f"not a loadable ONNX model (nor ORT format): {exc}"
+            ) from exc
         meta = session.get_modelmeta().custom_metadata_map
         missing = [k for k in (META_CLASS_MAP, META_PREPROCESSING) if not meta.get(k)]
         if missing:
@@ -386,6 +403,25 @@ class Predictor:
                 f"class indices {unknown} are not in this model's class map"
             )
         return np.array(rows, dtype=np.int64)
+
+
+def measure_latency(
+    predictor: Predictor, batch_size: int = 1, *, repeats: int = 30, warmup: int = 3
+) -> float:
+    """Median model run time in ms of ``batch_size`` seeded random images.
+
+    Only the session run is timed (as ``inference_time_ms`` does), after
+    ``warmup`` untimed runs; the median resists a busy neighbour's spikes.
+    """
+    if batch_size < 1 or repeats < 1:
+        raise ValueError("batch_size and repeats must be >= 1")
+    pre = predictor.preprocessing
+    shape = (batch_size, pre.channels, pre.image_size, pre.image_size)
+    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    for _ in range(warmup):
+        predictor.logits(images)
+    runs = [predictor.logits(images)[1] for _ in range(repeats)]
+    return 1000.0 * float(np.median(runs))
 
 
 class PredictorCache:

@@ -20,7 +20,11 @@ VersionId = Annotated[
     str, Parameter(description="version id (UUID) or name (v0007)", max_length=255)
 ]
 CHUNK = 256 * 1024
-MEDIA = {"checkpoint": "application/octet-stream", "onnx": "application/onnx"}
+MEDIA = {
+    "checkpoint": "application/octet-stream",
+    "onnx": "application/onnx",
+    "ort": "application/octet-stream",  # ONNX Runtime's ORT format (mobile)
+}
 
 
 def _chunks(data: bytes) -> Iterator[bytes]:
@@ -82,10 +86,10 @@ class VersionController(Controller):
         catalog: CatalogDep,
         model_server: ServerDep,
         version_id: VersionId,
-        format: Literal["checkpoint", "onnx", "onnx-int8"] = "checkpoint",
+        format: Literal["checkpoint", "onnx", "onnx-int8", "ort"] = "checkpoint",
     ) -> Stream:
-        """The version's checkpoint or ONNX model (exported on first request),
-        hash-verified, with ``X-Content-SHA256``."""
+        """The version's checkpoint, ONNX model or ORT-format mobile model (INT8;
+        exported on first request), hash-verified, with ``X-Content-SHA256``."""
         version = await catalog.get_version(version_id)
         art = await model_server.artifact(version, format)
         return Stream(

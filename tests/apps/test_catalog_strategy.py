@@ -7,6 +7,7 @@ never reach aggregation, every round leaves a version, a rollback is honoured.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,6 +68,23 @@ class ScriptedGrid:
                     and node == messages[-1].metadata.dst_node_id
                 ):
                     self.after_round.pop(rnd)()
+        return out
+
+    # the strategy pushes and pulls itself (apps/exchange.py)
+    def push_messages(self, messages):  # noqa: ANN001
+        messages = list(messages)
+        for msg in messages:  # as Flower's grids do when they push
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+        self.outbox = list(self.send_and_receive(messages))
+        for msg, reply in zip(messages, self.outbox, strict=True):
+            # a scripted reply may be built for another instruction (error_reply)
+            reply.metadata.__dict__["_reply_to_message_id"] = msg.metadata.message_id
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):  # noqa: ANN001
+        ids = set(message_ids)
+        out = [m for m in self.outbox if m.metadata.reply_to_message_id in ids]
+        self.outbox = [m for m in self.outbox if m not in out]
         return out
 
 

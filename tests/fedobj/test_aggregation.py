@@ -84,3 +84,42 @@ def test_streaming_mean_equals_the_weighted_mean() -> None:
         StreamingMean(ref).result()
     with pytest.raises(ValueError):
         StreamingMean(ref).add(ups[0][0], 0.0)
+
+
+def test_array_view_is_zero_copy_and_exact() -> None:
+    from flwr.app import Array
+
+    from fedobj.aggregation import array_view
+
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    arr = Array(x)
+    view = array_view(arr)
+    np.testing.assert_array_equal(view, x)
+    assert not view.flags.writeable  # a view of the message's bytes
+    assert np.shares_memory(view, np.frombuffer(arr.data, dtype=np.uint8))
+    fortran = Array(np.asfortranarray(x))  # saved in Fortran order: falls back
+    np.testing.assert_array_equal(array_view(fortran), x)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"group": 1}, {"group": 3, "chunk": 7}, {"threads": 2}]
+)
+def test_streaming_mean_groups_chunks_and_threads_agree(kwargs) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(1)
+    ref = {"big": np.zeros((50, 40), np.float32), "small": np.zeros(3, np.float32)}
+    ups = [
+        (
+            {k: rng.normal(size=v.shape).astype(np.float32) for k, v in ref.items()},
+            float(w),
+        )
+        for w in rng.integers(1, 100, size=11)
+    ]
+    mean = StreamingMean(ref, **kwargs)
+    for arrays, w in ups:
+        mean.add(arrays, w)
+    got = mean.result()
+    total = sum(w for _, w in ups)
+    for k in ref:
+        expected = sum(a[k].astype(np.float64) * w for a, w in ups) / total
+        np.testing.assert_allclose(got[k], expected, rtol=1e-6, atol=1e-6)
+        assert got[k].dtype == np.float32

@@ -26,17 +26,19 @@ from fedobj.export import (
     EXPORT_FORMATS,
     FP32_RULE,
     INT8_RULE,
+    ORT_RULE,
     ExportError,
     ExportParityError,
     calibration_images,
     check_parity,
+    convert_to_ort,
     export_artifact,
     export_onnx,
     quantize_int8,
     require_parity,
     torch_logits,
 )
-from fedobj.inference import Predictor, Preprocessing
+from fedobj.inference import Predictor, Preprocessing, is_ort_format
 from fedobj.model import Checkpoint, ModelArgs, build_model
 from fedobj.train import LabelledTensors, TrainConfig, train
 
@@ -158,12 +160,41 @@ def test_int8_export_agrees_with_torch(
     assert other.top1_agreement >= 0.97, other
 
 
+def test_ort_mobile_export_is_int8_in_ort_format_with_metadata(
+    trained: Checkpoint, calibration: np.ndarray, fp32: bytes, tmp_path: Path
+) -> None:
+    result = export_artifact(trained, "ort", version_name="v2", calibration=calibration)
+    assert is_ort_format(result.data) and not is_ort_format(fp32)
+    assert list(result.steps) == ["onnx", "onnx-int8", "ort"]
+    assert all(r.passed for r in result.steps.values())
+    assert result.parity is result.steps["ort"] and result.parity.rule == (
+        ORT_RULE.describe()
+    )
+    assert result.parity.top1_agreement >= ORT_RULE.min_top1_agreement
+    assert len(result.data) < len(fp32) / 2  # INT8 weights
+    # The ORT file keeps the metadata: the predictor reads it as from ONNX.
+    predictor = Predictor.from_bytes(result.data)
+    assert predictor.class_map == trained.class_map
+    assert predictor.model_version == "v2"
+    assert predictor.preprocessing.image_size == 28
+    ours = predictor.predict_arrays(calibration[:32], top_k=1)
+    theirs = torch_logits(trained, calibration[:32]).argmax(axis=1)
+    assert np.mean([d.predictions[0].class_index for d in ours] == theirs) >= 0.9
+    # A plain onnxruntime session opens the file from disk too (no fedobj needed).
+    path = tmp_path / "model.ort"
+    path.write_bytes(result.data)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["fedobj.version"] == "v2"
+
+
 def test_int8_needs_calibration_images(trained: Checkpoint) -> None:
-    for calibration in (None, np.zeros((0, 1, 28, 28), np.uint8)):
-        with pytest.raises(ExportError, match="calibration"):
-            export_artifact(
-                trained, "onnx-int8", version_name="v1", calibration=calibration
-            )
+    for fmt in ("onnx-int8", "ort"):
+        for calibration in (None, np.zeros((0, 1, 28, 28), np.uint8)):
+            with pytest.raises(ExportError, match="calibration"):
+                export_artifact(
+                    trained, fmt, version_name="v1", calibration=calibration
+                )
 
 
 def test_quantize_refuses_mismatched_calibration(fp32: bytes) -> None:
@@ -209,7 +240,9 @@ def test_bad_requests_are_refused(trained: Checkpoint) -> None:
         export_artifact(trained, "tflite", version_name="v", calibration=None)
     with pytest.raises(ExportError, match="opset"):
         export_onnx(trained, version_name="v", opset=13)
-    assert EXPORT_FORMATS == ("onnx", "onnx-int8")
+    assert EXPORT_FORMATS == ("onnx", "onnx-int8", "ort")
+    with pytest.raises(ExportError, match="target platform"):
+        convert_to_ort(b"", target_platform="riscv")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter's
@@ -218,17 +251,25 @@ def test_fallback_to_the_torchscript_exporter(
     trained: Checkpoint,
     calibration: np.ndarray,
     monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     import fedobj.export as export
 
     def dynamo_fails(*_: object) -> onnx.ModelProto:
         raise RuntimeError("unsupported operator for this test")
 
+    # A handler of our own, not caplog: the suite also runs with -p no:logging.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("fedobj.export")
     monkeypatch.setattr(export, "_export_dynamo", dynamo_fails)
-    with caplog.at_level(logging.WARNING, logger="fedobj.export"):
+    logger.addHandler(handler)
+    try:
         data = export_onnx(trained, version_name="v-ts", opset=17)
-    assert "falling back to the TorchScript exporter" in caplog.text
+    finally:
+        logger.removeHandler(handler)
+    text = " ".join(r.getMessage() for r in records)
+    assert "falling back to the TorchScript exporter" in text
     assert check_parity(data, trained, calibration[:7]).passed
     meta = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
     assert meta["fedobj.version"] == "v-ts"

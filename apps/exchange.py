@@ -1,0 +1,220 @@
+"""Sending a round's messages and folding replies in as they arrive.
+
+Flower's ``Grid.send_and_receive`` returns every reply at once, and polls the
+SuperLink with a fixed ``time.sleep(3)`` between pulls: a round whose replies are
+all in after 4.1 s is seen after 6 s, twice per round (train, then evaluate), and
+every update is held until the last one arrives. :func:`exchange` pushes the
+messages itself and pulls with a short, backing-off interval, handing each reply
+to a callback the moment it is pulled. :class:`ReplyFolder` is that callback for
+training: it validates a reply against the broadcast model (contract 5), folds it
+into a streaming weighted mean and lets it go, so the server holds a few updates
+at a time, not one per node (DESIGN.md, "The round").
+
+The streaming mean covers FedAvg and FedProx (weights n_k) and PerfFedAvg, whose
+weights eta_k = alpha n_k / N + (1 - alpha) acc_k / A are linear in each reply:
+it keeps one sum weighted by n, one weighted by the reported accuracies, and one
+of the replies that reported none (they count with the mean accuracy, exactly as
+:func:`fedobj.aggregation.perf_fedavg_weights` does). Strategies whose
+aggregation needs every reply together (FedAdam, a DP wrapper) get the validated
+messages instead (``stream=False``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from fedobj import keys
+from fedobj.aggregation import StreamingMean, array_view, validate_update
+
+POLL_FIRST_S = 0.02
+"""First wait between pulls; grows 1.5x per empty pull, reset by each reply."""
+POLL_MAX_S = 0.5
+"""Longest wait between pulls (Flower's own loop always waits 3 s)."""
+
+
+def exchange(
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float,
+    on_reply: Callable[[Message], None],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Push ``messages``; call ``on_reply`` on each reply as soon as it is pulled.
+
+    Returns how many replies arrived before ``timeout`` seconds; the others are
+    the caller's to count as timed out (the round goes on without them).
+    ``clock`` and ``sleep`` are replaceable so the schedule can be tested.
+    """
+    pending = set(grid.push_messages(messages))
+    deadline = clock() + timeout
+    wait = POLL_FIRST_S
+    received = 0
+    while pending:
+        replies = list(grid.pull_messages(pending))
+        for reply in replies:
+            pending.discard(reply.metadata.reply_to_message_id)
+            received += 1
+            on_reply(reply)
+        remaining = deadline - clock()
+        if not pending or remaining <= 0:
+            break
+        wait = POLL_FIRST_S if replies else min(POLL_MAX_S, wait * 1.5)
+        del replies
+        sleep(min(wait, remaining))
+    return received
+
+
+@dataclass
+class NodeOutcome:
+    """What a reply said (metrics, label histogram) or why it was not used."""
+
+    node_id: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+def outcome_of(msg: Message) -> NodeOutcome:
+    """A reply's numeric metrics and label histogram, or its error."""
+    node = msg.metadata.src_node_id
+    if msg.has_error():
+        return NodeOutcome(node, error=str(msg.error.reason))
+    values: dict[str, float] = {}
+    for record in msg.content.metric_records.values():
+        for k, v in record.items():
+            if isinstance(v, (int, float)):
+                values[k] = float(v)
+    hist = msg.content.config_records.get(keys.LABEL_HISTOGRAM)
+    labels = (
+        {str(k): int(v) for k, v in hist.items() if isinstance(v, int)}
+        if hist is not None
+        else {}
+    )
+    return NodeOutcome(node, values, labels=labels)
+
+
+def rejection(msg: Message, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a train reply must not be aggregated (contract 5), or None."""
+    if msg.has_error():
+        return f"error reply: {msg.error.reason}"
+    content = msg.content
+    if keys.ARRAYS not in content.array_records:
+        return "reply has no model arrays"
+    metrics = content.metric_records.get(keys.METRICS)
+    n = metrics.get(keys.NUM_EXAMPLES) if metrics is not None else None
+    arrays = {k: array_view(v) for k, v in content.array_records[keys.ARRAYS].items()}
+    return validate_update(
+        arrays, shapes, float(n) if isinstance(n, (int, float)) else float("nan")
+    )
+
+
+class ReplyFolder:
+    """Validates train replies as they arrive and folds the good ones in.
+
+    Parameters
+    ----------
+    reference
+        The arrays broadcast this round (shapes every reply must match).
+    stream
+        Fold into running sums and drop each reply (FedAvg, FedProx,
+        PerfFedAvg); otherwise keep the validated messages for the inner
+        strategy's own ``aggregate_train``.
+    perf_alpha
+        PerfFedAvg's alpha; None for plain example-count weights.
+    """
+
+    def __init__(
+        self,
+        reference: ArrayRecord,
+        *,
+        stream: bool = True,
+        perf_alpha: float | None = None,
+    ) -> None:
+        self.shapes = {k: tuple(int(d) for d in v.shape) for k, v in reference.items()}
+        self.reference = {k: array_view(v) for k, v in reference.items()}
+        self.stream = stream
+        self.perf_alpha = perf_alpha
+        self.outcomes: list[NodeOutcome] = []
+        self.rejected: list[NodeOutcome] = []
+        self.valid: list[Message] = []
+        self.valid_count = 0
+        self._by_n: StreamingMean | None = None
+        self._by_acc: StreamingMean | None = None
+        self._no_acc: StreamingMean | None = None
+        self._acc_sum = 0.0
+        self._reported = 0  # replies that reported an accuracy, zeros included
+        self._metric_sums: dict[str, float] = {}
+        self._metric_weights: dict[str, float] = {}
+
+    def __call__(self, msg: Message) -> None:
+        """Take one reply: record it, reject it with a reason, or fold it in."""
+        outcome = outcome_of(msg)
+        self.outcomes.append(outcome)
+        reason = rejection(msg, self.shapes)
+        if reason is not None:
+            self.rejected.append(NodeOutcome(outcome.node_id, error=reason))
+            return
+        self.valid_count += 1
+        if not self.stream:
+            self.valid.append(msg)
+            return
+        metrics = msg.content.metric_records[keys.METRICS]
+        n = float(metrics[keys.NUM_EXAMPLES])  # type: ignore[arg-type]
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != keys.NUM_EXAMPLES:
+                self._metric_sums[key] = self._metric_sums.get(key, 0.0) + n * value
+                self._metric_weights[key] = self._metric_weights.get(key, 0.0) + n
+        record = msg.content.array_records[keys.ARRAYS]
+        arrays = {k: array_view(v) for k, v in record.items()}
+        self._fold("_by_n", arrays, n)
+        if self.perf_alpha is not None and self.perf_alpha < 1.0:
+            acc = metrics.get(keys.LOCAL_ACCURACY)
+            if isinstance(acc, (int, float)):
+                self._reported += 1
+                if acc > 0:  # a zero weight adds nothing to the sum
+                    self._acc_sum += float(acc)
+                    self._fold("_by_acc", arrays, float(acc))
+            else:
+                self._fold("_no_acc", arrays, 1.0)
+
+    def _fold(self, name: str, arrays: dict[str, np.ndarray], weight: float) -> None:
+        mean: StreamingMean | None = getattr(self, name)
+        if mean is None:
+            mean = StreamingMean(self.reference)
+            setattr(self, name, mean)
+        mean.add(arrays, weight)
+
+    def aggregate(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The weighted mean of every folded reply and the weighted train metrics."""
+        if self._by_n is None:
+            return None, None
+        mean = self._by_n.result()
+        if self._by_acc is not None and self._acc_sum > 0:
+            alpha = float(self.perf_alpha if self.perf_alpha is not None else 1.0)
+            reported = self._reported
+            missing = self._no_acc.count if self._no_acc is not None else 0
+            by_acc = self._by_acc.result()
+            no_acc = self._no_acc.result() if self._no_acc is not None else None
+            for k, v in mean.items():
+                acc_part = by_acc[k].astype(np.float64) * reported
+                if no_acc is not None:
+                    acc_part += no_acc[k].astype(np.float64) * missing
+                acc_part /= reported + missing
+                mixed = alpha * v.astype(np.float64) + (1.0 - alpha) * acc_part
+                mean[k] = mixed.astype(v.dtype)
+        metrics = MetricRecord(
+            {
+                k: self._metric_sums[k] / self._metric_weights[k]
+                for k in self._metric_sums
+                if self._metric_weights[k] > 0
+            }
+        )
+        return ArrayRecord({k: Array(v) for k, v in mean.items()}), metrics

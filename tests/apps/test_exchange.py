@@ -1,0 +1,181 @@
+"""Replies folded as they arrive: same result as Flower's aggregation, PerfFedAvg's
+weights streamed exactly, bad replies rejected, a slow node timed out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from apps.exchange import ReplyFolder, exchange
+from fedobj import keys
+from fedobj.aggregation import perf_fedavg_weights
+from tests.apps.helpers import error_reply, instruction, reply, set_task_identity
+
+RNG = np.random.default_rng(3)
+REF = {
+    "conv.weight": RNG.normal(size=(8, 1, 3, 3)).astype(np.float32),
+    "head.weight": RNG.normal(size=(10, 128)).astype(np.float32),
+    "head.bias": RNG.normal(size=(10,)).astype(np.float32),
+}
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def train_reply(
+    node: int, n: int, acc: float | None = None, shift: float = 0.0
+) -> Message:
+    arrays = {
+        k: v + np.float32(shift) + RNG.normal(size=v.shape).astype(np.float32)
+        for k, v in REF.items()
+    }
+    metrics = {keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: 1.0 / n}
+    if acc is not None:
+        metrics[keys.LOCAL_ACCURACY] = acc
+    return reply(
+        node,
+        RecordDict({keys.ARRAYS: _record(arrays), keys.METRICS: MetricRecord(metrics)}),
+    )
+
+
+@pytest.fixture(autouse=True)
+def _identity() -> None:
+    set_task_identity()
+
+
+def test_streamed_fedavg_equals_flowers_aggregation() -> None:
+    replies = [train_reply(i, n) for i, n in enumerate([50, 300, 7, 1200, 64], 11)]
+    folder = ReplyFolder(_record(REF))
+    for r in replies:
+        folder(r)
+    arrays, metrics = folder.aggregate()
+    assert arrays is not None and metrics is not None
+    flower = aggregate_arrayrecords([r.content for r in replies], keys.NUM_EXAMPLES)
+    for k in REF:
+        np.testing.assert_allclose(
+            arrays[k].numpy(), flower[k].numpy(), rtol=1e-5, atol=1e-6
+        )
+    total = 50 + 300 + 7 + 1200 + 64
+    assert metrics[keys.TRAIN_LOSS] == pytest.approx(5 / total)
+    assert folder.valid_count == 5 and not folder.rejected and folder.valid == []
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_streamed_perffedavg_equals_its_weights(alpha: float) -> None:
+    spec = [(40, 0.9), (400, 0.5), (80, None), (10, 0.0), (200, None)]
+    replies = [train_reply(i, n, acc, shift=i) for i, (n, acc) in enumerate(spec, 11)]
+    folder = ReplyFolder(_record(REF), perf_alpha=alpha)
+    for r in replies:
+        folder(r)
+    arrays, _ = folder.aggregate()
+    assert arrays is not None
+    w = perf_fedavg_weights([n for n, _ in spec], [a for _, a in spec], alpha)
+    for k in REF:
+        expected = sum(
+            wi * r.content.array_records[keys.ARRAYS][k].numpy().astype(np.float64)
+            for wi, r in zip(w, replies, strict=True)
+        )
+        np.testing.assert_allclose(arrays[k].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_replies_are_rejected_with_reasons_and_never_folded() -> None:
+    good = train_reply(11, 100)
+    wrong_shape = reply(
+        12,
+        RecordDict(
+            {
+                keys.ARRAYS: _record({**REF, "head.bias": np.zeros(9, np.float32)}),
+                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10}),
+            }
+        ),
+    )
+    nan = reply(
+        13,
+        RecordDict(
+            {
+                keys.ARRAYS: _record(
+                    {**REF, "head.bias": np.full(10, np.nan, np.float32)}
+                ),
+                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10}),
+            }
+        ),
+    )
+    folder = ReplyFolder(_record(REF))
+    for r in (good, wrong_shape, nan, error_reply(14, "boom")):
+        folder(r)
+    reasons = {o.node_id: o.error for o in folder.rejected}
+    assert set(reasons) == {12, 13, 14}
+    assert "shape" in str(reasons[12]) and "NaN" in str(reasons[13])
+    assert "boom" in str(reasons[14])
+    arrays, _ = folder.aggregate()
+    assert arrays is not None
+    np.testing.assert_array_equal(
+        arrays["head.bias"].numpy(),
+        good.content.array_records[keys.ARRAYS]["head.bias"].numpy(),
+    )
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class SlowGrid:
+    """Replies become pullable at given (fake) times; one node never answers."""
+
+    def __init__(self, clock: FakeClock, delays: dict[int, float | None]) -> None:
+        self.clock = clock
+        self.delays = delays
+        self.due: list[tuple[float, Message]] = []
+
+    def push_messages(self, messages):  # noqa: ANN001
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+            ids.append(f"m{i}")
+            delay = self.delays[msg.metadata.dst_node_id]
+            if delay is not None:
+                self.due.append(
+                    (self.clock.now + delay, Message(RecordDict(), reply_to=msg))
+                )
+        return ids
+
+    def pull_messages(self, ids):  # noqa: ANN001
+        ready = [
+            m
+            for t, m in self.due
+            if t <= self.clock.now and m.metadata.reply_to_message_id in ids
+        ]
+        self.due = [(t, m) for t, m in self.due if m not in ready]
+        return ready
+
+
+def test_exchange_hands_replies_over_as_they_arrive_and_times_out() -> None:
+    clock = FakeClock()
+    grid = SlowGrid(clock, {1: 0.0, 2: 4.1, 3: None})
+    seen: list[tuple[str, float]] = []
+    got = exchange(
+        grid,  # type: ignore[arg-type]
+        [instruction(n) for n in (1, 2, 3)],
+        timeout=30.0,
+        on_reply=lambda m: seen.append((m.metadata.reply_to_message_id, clock.now)),
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    assert got == 2 and [s[0] for s in seen] == ["m0", "m1"]
+    assert seen[0][1] == 0.0  # handed over at once, not after the slow node
+    # picked up within one poll interval of arriving (Flower's loop: at 6 s)
+    assert 4.1 <= seen[1][1] <= 4.1 + 0.5
+    assert clock.now == pytest.approx(30.0)  # the silent node costs the timeout
+    assert max(clock.sleeps) <= 0.5
