@@ -23,7 +23,7 @@ from fedobj.classmap import ClassMap
 from fedobj.config import RunConfig
 from fedobj.data.categories import FASHION_MNIST_NAMES
 from fedobj.data.node_data import load_test_set
-from fedobj.errors import FedObjError
+from fedobj.errors import ConfigError, FedObjError
 from fedobj.model.checkpoint import FORMAT_VERSION
 from fedobj.model.factory import ModelArgs, build_model, head_keys
 from fedobj.outputs import (
@@ -56,7 +56,9 @@ def wait_for_nodes(
     """Wait until at least ``minimum`` nodes are connected and the count is stable.
 
     Flower samples from the nodes connected *now*; right after start-up not all
-    simulated nodes are registered, and round 1 would train on a subset.
+    simulated nodes are registered, and round 1 would train on a subset. Fewer
+    than ``minimum`` after ``max_wait_s`` is an error before round 1 (Flower's own
+    sampling would wait for them forever).
     """
     deadline = time.monotonic() + max_wait_s
     count, stable_since = -1, time.monotonic()
@@ -67,6 +69,12 @@ def wait_for_nodes(
         elif count >= minimum and time.monotonic() - stable_since >= settle_s:
             break
         time.sleep(0.25)
+    if count < minimum:
+        raise ConfigError(
+            f"only {count} nodes connected after {max_wait_s:.0f} s; the run needs "
+            f"`min-nodes`={minimum} (in simulation: is the federation's "
+            "num-supernodes smaller than min-nodes?)"
+        )
     return count
 
 

@@ -40,6 +40,9 @@ from fedobj.registry import ArtifactStore
 
 log = logging.getLogger("fedobj.strategy")
 
+REPORTS_KEPT = 5
+"""Recent round reports kept for inspection; older ones (per-node results) go."""
+
 
 class NoActiveCategoryError(FedObjError):
     """The catalog has no active category: there is nothing to train."""
@@ -330,6 +333,8 @@ class CatalogStrategy(Strategy):
             rolled_back_to=rolled_back,
         )
         self.reports[server_round] = report
+        while len(self.reports) > REPORTS_KEPT:  # memory must not grow with rounds
+            del self.reports[min(self.reports)]
 
         messages = list(self.configure_train(server_round, arrays, train_config, grid))
         report.sampled = len(messages)

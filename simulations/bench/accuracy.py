@@ -15,46 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from fedobj.superlink import LocalSuperLink, descendants
+from fedobj.monitor import TreeRss, parse_round_line
+from fedobj.superlink import LocalSuperLink
 
 ROOT = Path(__file__).resolve().parents[2]
-ROUND_LINE = re.compile(
-    r"round (\d+)/(\d+): (\d+)/(\d+) nodes replied.*?train loss ([\d.na/]+), "
-    r"central accuracy ([\d.]+) \(loss ([\d.]+)\)(?:, version \S+)?, ([\d.]+) s"
-)
-
-
-def _rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class TreeRss(threading.Thread):
-    """Samples the summed RSS of a process tree; keeps the peak."""
-
-    def __init__(self, root_pid: int) -> None:
-        super().__init__(daemon=True)
-        self.root_pid, self.peak_kib, self.stopped = root_pid, 0, False
-
-    def run(self) -> None:
-        while not self.stopped:
-            pids = {self.root_pid} | descendants(self.root_pid)
-            self.peak_kib = max(self.peak_kib, sum(_rss_kib(p) for p in pids))
-            time.sleep(0.5)
 
 
 def main() -> None:
@@ -96,10 +67,11 @@ def main() -> None:
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
-                m = ROUND_LINE.search(line)
-                if not m:
+                parsed = parse_round_line(line)
+                if parsed is None:
                     continue
-                r, acc, secs = int(m.group(1)), float(m.group(6)), float(m.group(8))
+                r, acc = parsed.round, parsed.central_accuracy
+                secs = parsed.seconds
                 last_round = r
                 round_secs.append(secs)
                 print(
@@ -107,8 +79,8 @@ def main() -> None:
                         {
                             "round": r,
                             "central_accuracy": acc,
-                            "central_loss": float(m.group(7)),
-                            "nodes_replied": int(m.group(3)),
+                            "central_loss": parsed.central_loss,
+                            "nodes_replied": parsed.replied,
                             "round_seconds": secs,
                             "wall_seconds": round(time.time() - t0, 1),
                         }
