@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -162,6 +164,37 @@ def train(
     """
     if len(data) == 0:
         raise ValueError("no training samples after mapping through the class map")
+    with channels_last(model, teacher):
+        return _train(model, data, cfg, active, teacher)
+
+
+@contextmanager
+def channels_last(*models: nn.Module | None) -> Iterator[None]:
+    """Run convolutions in NHWC (channels-last) memory layout, then switch back.
+
+    oneDNN's convolution and its backward are about 20% faster on this CPU in
+    NHWC for the ``cnn`` (18 -> 14 ms per batch of 32, one thread); the maths is
+    the same. The models are returned to the default layout so their arrays
+    serialise as plain C-ordered buffers.
+    """
+    for m in models:
+        if m is not None:
+            m.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for m in models:
+            if m is not None:
+                m.to(memory_format=torch.contiguous_format)
+
+
+def _train(
+    model: nn.Module,
+    data: LabelledTensors,
+    cfg: TrainConfig,
+    active: list[int] | None,
+    teacher: nn.Module | None,
+) -> TrainResult:
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.SGD(
@@ -193,7 +226,7 @@ def train(
             idx = order[start : start + cfg.batch_size]
             if len(idx) < 2 and n >= 2:
                 continue  # BatchNorm cannot train on a batch of one
-            x = to_input(data.images[idx])
+            x = to_input(data.images[idx]).contiguous(memory_format=torch.channels_last)
             if cfg.augment:
                 flip = torch.rand(len(idx), generator=gen) < 0.5
                 x[flip] = x[flip].flip(-1)
@@ -241,14 +274,15 @@ def evaluate(
     num_classes = _num_outputs(model, data)
     mask = _logit_mask(num_classes, active)
     total_loss, preds = 0.0, []
-    for start in range(0, n, batch_size):
-        x = to_input(data.images[start : start + batch_size])
-        logits = model(x)
-        if mask is not None:
-            logits = logits + mask
-        y = data.labels[start : start + batch_size]
-        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        preds.append(logits.argmax(1))
+    with channels_last(model):
+        for start in range(0, n, batch_size):
+            x = to_input(data.images[start : start + batch_size])
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+            if mask is not None:
+                logits = logits + mask
+            y = data.labels[start : start + batch_size]
+            total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            preds.append(logits.argmax(1))
     pred = torch.cat(preds)
     hit = pred == data.labels
     per_class = {}
