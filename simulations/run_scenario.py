@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,13 +77,23 @@ class RoundRow:
     classes: int
 
 
-def flwr_command(
-    link: LocalSuperLink, scenario: Scenario, nodes: int, overrides: str
-) -> list[str]:
-    """``flwr run .`` with the scenario's TOML, then this run's overrides."""
-    cmd = link.run_command(ROOT, nodes, overrides)
-    at = len(cmd) - 2  # before the overrides' "--run-config"
-    return cmd[:at] + ["--run-config", str(scenario.toml)] + cmd[at:]
+def run_config(scenario: Scenario, extra: dict[str, Any]) -> str:
+    """The scenario's TOML with ``extra`` on top, as ``k=v`` pairs.
+
+    ``flwr run`` takes a TOML file or pairs, not both, and no key twice; this run
+    adds its own database (and may change the rounds).
+    """
+    values = {**tomllib.loads(scenario.toml.read_text()), **extra}
+    pairs = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = json.dumps(value)
+        else:
+            text = repr(value)
+        pairs.append(f"{key}={text}")
+    return " ".join(pairs)
 
 
 def run(
@@ -100,16 +111,16 @@ def run(
         if os.environ.get("RAY_ADDRESS"):
             env["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
         link = LocalSuperLink(Path(tmp) / "flwr", ports[0], ports[1], env)
-        overrides = f'database-url="sqlite:///{db}"'
+        extra: dict[str, Any] = {"database-url": f"sqlite:///{db}"}
         if rounds is not None:
-            overrides += f" num-server-rounds={rounds}"
+            extra["num-server-rounds"] = rounds
         pid = link.start()
         rss = TreeRss(pid)
         rss.start()
         rows: list[RoundRow] = []
         t0 = time.time()
         proc = subprocess.Popen(
-            flwr_command(link, scenario, nodes, overrides),
+            link.run_command(ROOT, nodes, run_config(scenario, extra)),
             env=link.cli_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
