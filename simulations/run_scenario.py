@@ -74,7 +74,7 @@ class RoundRow:
     round_seconds: float
     wall_seconds: float
     peak_rss_mib: float
-    classes: int
+    catalog_classes: int  # categories in the catalog when the round was logged
 
 
 def run_config(scenario: Scenario, extra: dict[str, Any]) -> str:
@@ -149,7 +149,7 @@ def run(
                     round_seconds=parsed.seconds,
                     wall_seconds=round(time.time() - t0, 1),
                     peak_rss_mib=round(rss.take_window_peak() / 1024, 1),
-                    classes=classes,
+                    catalog_classes=classes,
                 )
                 rows.append(row)
                 print(
