@@ -13,6 +13,7 @@ a simulation starting its own Ray would log under /tmp/ray instead).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,4 +92,5 @@ def test_scenario_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         left = [p for p in tree if _alive(p)]
+        shutil.rmtree(temp, ignore_errors=True)
         assert not left, f"Ray processes left running: {left}"
