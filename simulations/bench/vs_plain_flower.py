@@ -51,13 +51,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from fedobj.superlink import LocalSuperLink, descendants
+from fedobj.monitor import TreeRss
+from fedobj.superlink import LocalSuperLink
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAIN_DIR = Path(__file__).resolve().parent / "plain_flower"
@@ -86,34 +86,6 @@ PHASES = {
 
 def progress(msg: str) -> None:
     print(f"[vs_plain_flower] {msg}", file=sys.stderr, flush=True)
-
-
-def _rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class TreeRss(threading.Thread):
-    """Samples the summed RSS of a process tree every 0.5 s; keeps the peak.
-
-    The SuperLink's tree holds the ServerApp, the simulation and Ray's workers, so
-    this is what the whole run costs in memory (as in ``accuracy.py``).
-    """
-
-    def __init__(self, root_pid: int) -> None:
-        super().__init__(daemon=True)
-        self.root_pid, self.peak_kib, self.stopped = root_pid, 0, False
-
-    def run(self) -> None:
-        while not self.stopped:
-            pids = {self.root_pid} | descendants(self.root_pid)
-            self.peak_kib = max(self.peak_kib, sum(_rss_kib(p) for p in pids))
-            time.sleep(0.5)
 
 
 @dataclass(frozen=True)
