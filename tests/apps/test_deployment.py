@@ -57,6 +57,36 @@ def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         )
 
 
+def start_superlink(
+    home: Path, port: int, control: int, env: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    """A deployed (not simulated) ``flower-superlink`` on 127.0.0.1, insecure."""
+    return _start(
+        [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--control-api-address",
+            f"127.0.0.1:{control}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--database",
+            str(home / "state.db"),
+        ],
+        env,
+        log,
+    )
+
+
+def wait_healthy(port: int, log: Path, timeout_s: float = 60) -> None:
+    """Until the SuperLink's health endpoint answers (fails with its log)."""
+    deadline = time.monotonic() + timeout_s
+    while not _healthy(port):
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
 def _stop_all(procs: list[subprocess.Popen[bytes]]) -> list[int]:
     tree: set[int] = set()
     for p in procs:
@@ -94,29 +124,9 @@ def test_superlink_and_two_supernodes_train_from_image_folders(tmp_path: Path) -
         (root / "notes.txt").write_text("a file outside any category folder")
         devices.append(root)
 
-    procs = [
-        _start(
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--control-api-address",
-                f"127.0.0.1:{control}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--database",
-                str(home / "state.db"),
-            ],
-            env,
-            tmp_path / "superlink.log",
-        )
-    ]
+    procs = [start_superlink(home, port, control, env, tmp_path / "superlink.log")]
     try:
-        deadline = time.monotonic() + 60
-        while not _healthy(port):
-            assert time.monotonic() < deadline, (tmp_path / "superlink.log").read_text()
-            time.sleep(0.2)
+        wait_healthy(port, tmp_path / "superlink.log")
         for i, root in enumerate(devices):
             node_config = f"data-dir='{root}' cache-dir='{tmp_path / f'cache{i}'}'"
             procs.append(

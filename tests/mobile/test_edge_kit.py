@@ -12,7 +12,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -234,7 +233,14 @@ def test_launcher_prepares_the_cache_the_client_app_reads(tmp_path: Path) -> Non
 @pytest.mark.deployment
 def test_launcher_supernodes_train_with_a_real_superlink(tmp_path: Path) -> None:
     """The deployment test's shape, with SuperNodes started by the launcher."""
-    from tests.apps.test_deployment import BIN, _env, _healthy, _start, _stop_all
+    from tests.apps.test_deployment import (
+        BIN,
+        _env,
+        _start,
+        _stop_all,
+        start_superlink,
+        wait_healthy,
+    )
     from tests.conftest import free_port
 
     home, outputs = tmp_path / "flwr", tmp_path / "outputs"
@@ -245,29 +251,9 @@ def test_launcher_supernodes_train_with_a_real_superlink(tmp_path: Path) -> None
         '[superlink]\ndefault = "deploy"\n\n'
         f'[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    procs = [
-        _start(
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--control-api-address",
-                f"127.0.0.1:{control}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--database",
-                str(home / "state.db"),
-            ],
-            env,
-            tmp_path / "superlink.log",
-        )
-    ]
+    procs = [start_superlink(home, port, control, env, tmp_path / "superlink.log")]
     try:
-        deadline = time.monotonic() + 60
-        while not _healthy(port):
-            assert time.monotonic() < deadline, (tmp_path / "superlink.log").read_text()
-            time.sleep(0.2)
+        wait_healthy(port, tmp_path / "superlink.log")
         for i in range(2):
             root = write_image_folder(
                 tmp_path / f"board{i}", per_class=30, offset=30 * i
