@@ -29,7 +29,11 @@ def prune_versions(
         return doomed
     for v in doomed:
         catalog.mark_pruned(v.id)  # the row first: a pruned row never points at data
-        for uri in (v.checkpoint_uri, v.server_state_uri, v.onnx_uri):
-            if uri:
+        exported = [str(a["uri"]) for a in v.artifacts.values() if a.get("uri")]
+        # the "server" entry points at one of the exports: delete each file once
+        for uri in dict.fromkeys(
+            [v.checkpoint_uri, v.server_state_uri, v.onnx_uri, *exported]
+        ):
+            if uri and store.exists(uri):
                 store.delete(uri)
     return doomed

@@ -84,6 +84,16 @@ def test_versions_prune_keeps_current_newest_and_parents(tmp_path: Path) -> None
         )
         parent = v.id
     catalog.set_current("v0001")
+    exports = {}
+    for fmt in ("onnx", "ort"):  # exports of v0002 (bytes stand in for models)
+        art = store.put_bytes(f"versions/v0002/model.{fmt}", fmt.encode() * 10)
+        catalog.record_artifact(
+            "v0002", fmt, uri=art.uri, sha256=art.sha256, size=art.size
+        )
+        exports[fmt] = art.uri
+    catalog.record_artifact(  # the server choice points at the onnx file
+        "v0002", "server", uri=exports["onnx"], sha256="x", size=1
+    )
     dry = runner.invoke(
         app,
         [
@@ -117,6 +127,7 @@ def test_versions_prune_keeps_current_newest_and_parents(tmp_path: Path) -> None
     # kept: v0005, v0004 (newest), v0003 (parent of v0004), v0001 (current)
     assert [n for n, v in sorted(by_name.items()) if v.pruned] == ["v0002"]
     assert not (tmp_path / "reg" / "r" / "2.pt").exists()
+    assert not any(store.exists(u) for u in exports.values())  # exports go too
     assert (tmp_path / "reg" / "r" / "1.pt").exists()
 
 
