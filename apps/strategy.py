@@ -35,7 +35,12 @@ from fedobj.config import RunConfig
 from fedobj.errors import FedObjError
 from fedobj.model.checkpoint import Checkpoint
 from fedobj.model.factory import ModelArgs, head_keys
-from fedobj.model.growth import align_new_rows, grow_head, grow_rows
+from fedobj.model.growth import (
+    align_new_biases,
+    align_new_rows,
+    grow_head,
+    grow_rows,
+)
 from fedobj.registry import ArtifactStore
 
 log = logging.getLogger("fedobj.strategy")
@@ -121,7 +126,8 @@ class CatalogStrategy(Strategy):
         How new head rows start (``fedobj.model.growth``).
     head_align
         ``"norm"``: after every aggregation following a growth in this run, scale
-        the new classes' weight rows to the old rows' mean norm (weight aligning).
+        the new classes' weight rows to the old rows' mean norm (weight aligning);
+        ``"norm-bias"``: also shift their biases to the old biases' mean.
     promote
         ``"latest"``: every round's version becomes current; ``"best"``: only one
         with the best centralised accuracy among versions of the same class map
@@ -452,15 +458,18 @@ class CatalogStrategy(Strategy):
         Safe with FedAdam: its ``configure_train`` copies the arrays it is sent,
         so its next step starts from the aligned head.
         """
-        if self.head_align != "norm" or self.grown_from is None:
+        if self.head_align == "none" or self.grown_from is None:
             return arrays
-        weight_key = head_keys(self.model_args)[0]
+        weight_key, bias_key = head_keys(self.model_args)
         numpy = _numpy(arrays)
         active = self.class_map.active_indices
         old = [k for k in active if k < self.grown_from]
         new = [k for k in active if k >= self.grown_from]
         numpy[weight_key], gamma = align_new_rows(numpy[weight_key], old, new)
-        log.info("head aligned: new rows scaled by %.3f", gamma)
+        shift = 0.0
+        if self.head_align == "norm-bias":
+            numpy[bias_key], shift = align_new_biases(numpy[bias_key], old, new)
+        log.info("head aligned: new rows scaled by %.3f, biases %+.3f", gamma, shift)
         return _record(numpy)
 
     def _server_state(self) -> bytes | None:

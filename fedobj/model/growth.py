@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 HEAD_INITS = ("mean", "random", "zeros")
-HEAD_ALIGNS = ("none", "norm")
+HEAD_ALIGNS = ("none", "norm", "norm-bias")
 
 
 def grow_rows(
@@ -98,3 +98,23 @@ def align_new_rows(
     gamma = old_norm / new_norm
     out[list(new)] *= np.asarray(gamma, dtype=out.dtype)
     return out, gamma
+
+
+def align_new_biases(
+    bias: np.ndarray, old: Sequence[int], new: Sequence[int]
+) -> tuple[np.ndarray, float]:
+    """Shift the ``new`` biases so their mean equals the ``old`` biases' mean.
+
+    The companion of :func:`align_new_rows` for ``head-align="norm-bias"``: the
+    norms set the logits' scale, the biases their offset, and a group whose
+    biases sit lower is predicted less whatever its rows say. Returns the new
+    bias (a copy) and the shift applied.
+    """
+    out = np.array(bias, copy=True)
+    if not old or not new:
+        return out, 0.0
+    shift = float(out[list(old)].mean() - out[list(new)].mean())
+    if not np.isfinite(shift):
+        return out, 0.0
+    out[list(new)] += np.asarray(shift, dtype=out.dtype)
+    return out, shift

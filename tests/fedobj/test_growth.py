@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fedobj.model.growth import align_new_rows
 
@@ -28,3 +29,14 @@ def test_align_new_rows_without_a_group_is_identity() -> None:
     aligned, gamma = align_new_rows(weight, [0, 1], [])
     assert gamma == 1.0
     np.testing.assert_array_equal(aligned, weight)
+
+
+def test_align_new_biases_matches_means_and_keeps_old() -> None:
+    from fedobj.model.growth import align_new_biases
+
+    bias = np.array([0.5, 0.7, 0.6, -2.0, -1.0], dtype=np.float32)
+    out, shift = align_new_biases(bias, [0, 1, 2], [3, 4])
+    assert shift == pytest.approx(0.6 - (-1.5))
+    assert out[[3, 4]].mean() == pytest.approx(out[[0, 1, 2]].mean())
+    np.testing.assert_array_equal(out[:3], bias[:3])
+    assert out[3] - out[4] == pytest.approx(bias[3] - bias[4])  # order kept
