@@ -1,0 +1,131 @@
+"""A device's differential-privacy budget, kept on its own disk across rounds and runs.
+
+DP-SGD's guarantee is about everything a device ever released. Flower's
+``context.state`` lasts one run and its node id is not stable across restarts, so
+the spent budget lives in a small JSON ledger under the device's cache folder,
+keyed by a stable device identity (node config ``device-id``). A fresh Opacus
+``PrivacyEngine`` per round would start from zero and under-report; instead each
+round's (noise multiplier, sample rate, steps) is appended here and the RDP
+accountant is rebuilt from the whole history, so ``resume=true`` or a new run
+never resets epsilon. The history is what a reply reports, so anyone can
+recompute the epsilon independently.
+
+This module is the accountant's memory only (issue 5); DP-SGD itself runs in the
+training loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedobj.errors import FedObjError
+
+ACCOUNTANT = "rdp"
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class PrivacyLedgerError(FedObjError):
+    """A device's privacy ledger is unreadable: refuse to train rather than reset."""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One stretch of DP-SGD: Opacus' accountant history entry."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+@dataclass
+class PrivacyLedger:
+    """Every DP-SGD stretch a device ran, persisted as JSON at ``path``."""
+
+    path: Path
+    history: list[Spend] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, directory: str | Path, device_id: str) -> PrivacyLedger:
+        """The ledger of ``device_id`` (empty if the device never trained with DP).
+
+        Raises :class:`PrivacyLedgerError` for a file that exists but cannot be
+        read: losing the history would silently reset the budget.
+        """
+        if not device_id.strip():
+            raise PrivacyLedgerError("a device id is needed to keep a DP budget")
+        name = _SAFE_ID.sub("_", device_id.strip())
+        path = Path(directory) / "privacy" / f"{name}.json"
+        if not path.exists():
+            return cls(path)
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("accountant") != ACCOUNTANT:
+                raise ValueError(f"accountant {raw.get('accountant')!r}")
+            history = [
+                Spend(
+                    float(h["noise_multiplier"]),
+                    float(h["sample_rate"]),
+                    int(h["steps"]),
+                )
+                for h in raw["history"]
+            ]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PrivacyLedgerError(
+                f"privacy ledger {path} is unreadable ({exc}); refusing to train "
+                "with a reset budget: restore the file or retire the device id"
+            ) from exc
+        return cls(path, history)
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta`` (0.0 before any DP training)."""
+        return _epsilon(self.history, delta)
+
+    def epsilon_after(
+        self, noise_multiplier: float, sample_rate: float, steps: int, delta: float
+    ) -> float:
+        """Epsilon the device would have spent after one more stretch."""
+        more = [*self.history, Spend(noise_multiplier, sample_rate, steps)]
+        return _epsilon(more, delta)
+
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Append a stretch (merged with the last one if it used the same noise
+        and sample rate) and write the ledger atomically."""
+        if steps <= 0:
+            return
+        last = self.history[-1] if self.history else None
+        if (
+            last is not None
+            and last.noise_multiplier == noise_multiplier
+            and last.sample_rate == sample_rate
+        ):
+            self.history[-1] = Spend(noise_multiplier, sample_rate, last.steps + steps)
+        else:
+            self.history.append(Spend(noise_multiplier, sample_rate, steps))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "accountant": ACCOUNTANT,
+                    "history": [h.__dict__ for h in self.history],
+                },
+                indent=1,
+            )
+        )
+        os.replace(tmp, self.path)
+
+
+def _epsilon(history: list[Spend], delta: float) -> float:
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"dp-delta must be in (0, 1), got {delta}")
+    if not history:
+        return 0.0
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(h.noise_multiplier, h.sample_rate, h.steps) for h in history]
+    return float(accountant.get_epsilon(delta))
