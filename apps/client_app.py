@@ -9,9 +9,18 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from apps.records import get_model_context, load_arrays, model_to_arrays
@@ -19,9 +28,19 @@ from fedobj import keys
 from fedobj.classmap import ClassMap
 from fedobj.config import RunConfig
 from fedobj.data.fashion_mnist import ImageArrays
-from fedobj.data.node_data import load_node_data
+from fedobj.data.node_data import default_cache_dir, load_node_data
 from fedobj.model.factory import ModelArgs, build_model
-from fedobj.train import MappedData, TrainConfig, evaluate, map_to_class_map, train
+from fedobj.privacy import ACCOUNTANT, PrivacyLedger, PrivacyLedgerError
+from fedobj.train import (
+    DpSettings,
+    MappedData,
+    TrainConfig,
+    dp_plan,
+    evaluate,
+    map_to_class_map,
+    train,
+    train_private,
+)
 
 log = logging.getLogger("fedobj.client")
 app = ClientApp()
@@ -90,6 +109,8 @@ def train_fn(msg: Message, context: Context) -> Message:
         distill_weight=cfg.distill_weight,
         distill_temperature=cfg.distill_temperature,
     )
+    if cfg.dp:
+        return _train_private(msg, context, cfg, tcfg, model, train_data, class_map)
     # the model as received is the teacher: the previous global model (LwF)
     teacher = copy.deepcopy(model) if tcfg.distill_classes > 0 else None
     if len(train_data.tensors) == 0:
@@ -131,6 +152,94 @@ def train_fn(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def device_id(node_config: Mapping[str, Any]) -> str | None:
+    """A stable identity for the device's DP ledger.
+
+    ``device-id`` from the node config; in simulation the partition id (the
+    same virtual device in every run). Flower's node id changes on restart, so
+    it never keys a privacy budget.
+    """
+    if node_config.get(keys.NODE_DEVICE_ID):
+        return str(node_config[keys.NODE_DEVICE_ID])
+    if keys.NODE_PARTITION_ID in node_config:
+        return f"sim-{int(node_config[keys.NODE_PARTITION_ID])}"
+    return None
+
+
+def _train_private(
+    msg: Message,
+    context: Context,
+    cfg: RunConfig,
+    tcfg: TrainConfig,
+    model: torch.nn.Module,
+    train_data: MappedData,
+    class_map: ClassMap,
+) -> Message:
+    """DP-SGD within the device's budget, or a reply that declines and says why."""
+    device = device_id(context.node_config)
+    if device is None:
+        return _decline(msg, "dp=true needs node config `device-id` on this device")
+    cache = str(context.node_config.get(keys.NODE_CACHE_DIR) or default_cache_dir())
+    try:
+        ledger = PrivacyLedger.load(cache, device)
+    except PrivacyLedgerError as exc:
+        return _decline(msg, str(exc))
+    if len(train_data.tensors) == 0:
+        return _decline(msg, "no training images in the catalog's categories")
+    rate, steps = dp_plan(len(train_data.tensors), tcfg)
+    spent = ledger.epsilon(cfg.dp_delta)
+    after = ledger.epsilon_after(cfg.dp_noise_multiplier, rate, steps, cfg.dp_delta)
+    if after > cfg.dp_epsilon:
+        return _decline(
+            msg,
+            f"DP budget: this round would bring epsilon to {after:.3f} > "
+            f"dp-epsilon {cfg.dp_epsilon} (spent {spent:.3f} at delta "
+            f"{cfg.dp_delta}, device {device})",
+        )
+    run = train_private(
+        model,
+        train_data.tensors,
+        tcfg,
+        DpSettings(cfg.dp_noise_multiplier, cfg.dp_max_grad_norm),
+        class_map.active_indices,
+    )
+    ledger.record(cfg.dp_noise_multiplier, run.sample_rate, run.steps)
+    metrics = MetricRecord(
+        {
+            keys.NUM_EXAMPLES: len(train_data.tensors),
+            keys.TRAIN_LOSS: run.result.loss,
+            keys.TRAIN_ACCURACY: run.result.accuracy,
+            keys.TRAIN_SECONDS: run.result.seconds,
+            keys.DP_EPSILON: ledger.epsilon(cfg.dp_delta),
+            keys.DP_DELTA: cfg.dp_delta,
+            keys.DP_NOISE_MULTIPLIER: cfg.dp_noise_multiplier,
+            keys.DP_SAMPLE_RATE: run.sample_rate,
+            keys.DP_STEPS: run.steps,
+        }
+    )
+    content = RecordDict(
+        {
+            keys.ARRAYS: model_to_arrays(model),
+            keys.METRICS: metrics,
+            # no label histogram and no held-out accuracy: they would leak what
+            # DP-SGD protects; the server is told what was withheld
+            keys.DP: ConfigRecord(
+                {
+                    "accountant": ACCOUNTANT,
+                    "device-id": device,
+                    "withheld": "label-histogram, local-accuracy",
+                }
+            ),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _decline(msg: Message, reason: str) -> Message:
+    log.warning("declining round: %s", reason)
+    return Message(Error(code=0, reason=reason), reply_to=msg)
 
 
 @app.evaluate()

@@ -32,6 +32,7 @@ from fedobj.outputs import (
     package_versions,
     write_json_atomic,
 )
+from fedobj.privacy import check_dp_compatible
 from fedobj.registry import ArtifactStore
 from fedobj.train import LabelledTensors, evaluate, map_to_class_map
 
@@ -188,6 +189,8 @@ def _run_with_catalog(
             cfg.norm,
         )
         initial = model_to_arrays(build_model(args, cfg.pretrained_path or None))
+    if cfg.dp:  # before round 1: a BatchNorm model cannot be trained privately
+        check_dp_compatible(build_model(args))
     central = CentralEvaluator(cfg, args) if cfg.central_eval else None
 
     outputs = RunOutputs.create(outputs_root, run_id)

@@ -360,6 +360,20 @@ class CatalogStrategy(Strategy):
                 bad.node_id,
                 bad.error,
             )
+        for o in report.train:  # DP: the spend, and what it is computed from
+            if keys.DP_EPSILON in o.metrics:
+                m = o.metrics
+                log.info(
+                    "round %d: node %d DP epsilon %.4f (delta %g; rdp accountant, "
+                    "noise multiplier %g, sample rate %.5f, %d steps this round)",
+                    server_round,
+                    o.node_id,
+                    m[keys.DP_EPSILON],
+                    m.get(keys.DP_DELTA, float("nan")),
+                    m.get(keys.DP_NOISE_MULTIPLIER, float("nan")),
+                    m.get(keys.DP_SAMPLE_RATE, float("nan")),
+                    int(m.get(keys.DP_STEPS, 0)),
+                )
         if folder.valid_count >= self.min_replies:
             aggregated, _ = (
                 folder.aggregate()

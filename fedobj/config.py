@@ -72,6 +72,11 @@ class RunConfig:
     class_split: str = "none"
     new_node_fraction: float = 0.3
     promote: str = "latest"
+    dp: bool = False
+    dp_epsilon: float = 8.0
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0
+    dp_noise_multiplier: float = 1.0
     resume: bool = False
     allow_concurrent_runs: bool = False
     lease_ttl: float = 1800.0
@@ -139,6 +144,16 @@ class RunConfig:
         )
         need(0 < self.new_node_fraction < 1, "new-node-fraction", "must be in (0, 1)")
         need(self.lease_ttl > 0, "lease-ttl", "must be > 0")
+        need(self.dp_epsilon > 0, "dp-epsilon", "must be > 0")
+        need(0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)")
+        need(self.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be > 0")
+        need(self.dp_noise_multiplier > 0, "dp-noise-multiplier", "must be > 0")
+        need(
+            not (self.dp and self.strategy == "fedprox"),
+            "strategy",
+            "cannot be fedprox with dp=true (DP-SGD clips per-sample gradients; "
+            "the proximal term would bypass the clipping)",
+        )
         for key in ("dataset-dir", "outputs-dir", "pretrained-path"):
             value = getattr(self, key.replace("-", "_"))
             need(

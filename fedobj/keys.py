@@ -26,6 +26,13 @@ EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 LOCAL_ACCURACY = "local-accuracy"  # held-out accuracy of the locally trained model
 IGNORED_EXAMPLES = "ignored-examples"
+# DP-SGD (dp=true): what was spent so far and what it is computed from
+DP_EPSILON = "dp-epsilon"  # total spent by this device, all rounds and runs
+DP_DELTA = "dp-delta"
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+DP_SAMPLE_RATE = "dp-sample-rate"
+DP_STEPS = "dp-steps"  # steps this round
+DP = "dp"  # ConfigRecord: accountant, device id, what is withheld
 
 # ConfigRecords in a train reply (node -> server): label slug -> image count.
 LABEL_HISTOGRAM = "label-histogram"  # images used, per category slug
@@ -36,3 +43,4 @@ NODE_DATA_DIR = "data-dir"
 NODE_CACHE_DIR = "cache-dir"
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
+NODE_DEVICE_ID = "device-id"  # stable identity: keys the device's DP ledger

@@ -21,8 +21,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from fedobj.errors import FedObjError
+from fedobj.errors import ConfigError, FedObjError
 
 ACCOUNTANT = "rdp"
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
@@ -129,3 +130,20 @@ def _epsilon(history: list[Spend], delta: float) -> float:
     accountant = RDPAccountant()
     accountant.history = [(h.noise_multiplier, h.sample_rate, h.steps) for h in history]
     return float(accountant.get_epsilon(delta))
+
+
+def check_dp_compatible(model: Any) -> None:
+    """Refuse, before round 1, a model Opacus cannot train with DP-SGD.
+
+    BatchNorm mixes samples within a batch, so per-sample gradients (and the
+    guarantee) do not exist for it; Opacus' validator names every such layer.
+    """
+    from opacus.validators import ModuleValidator
+
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        names = "; ".join(str(p) for p in problems[:5])
+        raise ConfigError(
+            f"run config `dp`=true needs a DP-compatible model: {names} "
+            '(use norm="group")'
+        )
