@@ -51,3 +51,52 @@ def test_unreadable_ledger_refuses_instead_of_resetting(tmp_path: Path) -> None:
         PrivacyLedger.load(tmp_path, "  ")
     with pytest.raises(ValueError, match="dp-delta"):
         PrivacyLedger.load(tmp_path, "e").epsilon(0.0)
+
+
+def test_dp_sgd_trains_and_its_plan_is_what_the_ledger_records(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+    import torch
+
+    from fedobj.data.fashion_mnist import load_fashion_mnist
+    from fedobj.model import ModelArgs, build_model
+    from fedobj.train import (
+        DpSettings,
+        LabelledTensors,
+        TrainConfig,
+        dp_plan,
+        train_private,
+    )
+
+    torch.manual_seed(0)
+    d = load_fashion_mnist("train")
+    data = LabelledTensors(
+        torch.from_numpy(d.images[:600].copy()),
+        torch.from_numpy(d.labels[:600].astype(np.int64)),
+    )
+    model = build_model(ModelArgs())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(lr=0.05, batch_size=32)
+    run = train_private(model, data, cfg, DpSettings(1.0, 1.0), active=list(range(10)))
+    assert (run.sample_rate, run.steps) == dp_plan(600, cfg) == (32 / 600, 19)
+    assert run.result.num_examples > 0 and np.isfinite(run.result.loss)
+    after = model.state_dict()
+    assert list(after) == list(before)  # Opacus trained the same module in place
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    ledger = PrivacyLedger.load(tmp_path, "d")
+    ledger.record(1.0, run.sample_rate, run.steps)
+    assert 0 < ledger.epsilon(1e-5) < 10
+
+
+def test_batchnorm_models_and_fedprox_are_refused_with_dp() -> None:
+    from fedobj.config import RunConfig
+    from fedobj.errors import ConfigError
+    from fedobj.model import ModelArgs, build_model
+    from fedobj.privacy import check_dp_compatible
+
+    check_dp_compatible(build_model(ModelArgs(norm="group")))  # fine
+    with pytest.raises(ConfigError, match="DP-compatible.*group"):
+        check_dp_compatible(build_model(ModelArgs(norm="batch")))
+    with pytest.raises(ConfigError, match="fedprox"):
+        RunConfig(dp=True, strategy="fedprox")
