@@ -135,6 +135,7 @@ class NodeOut(msgspec.Struct):
     samples: int
     label_names: list[str]
     status: str
+    dp_epsilon: float | None
 
 
 class PredictionOut(msgspec.Struct):
@@ -264,7 +265,9 @@ def node_result_out(r: NodeRoundRecord) -> NodeResultOut:
 
 
 def node_out(n: NodeRecord) -> NodeOut:
-    return NodeOut(n.node_id, n.last_seen, n.samples, list(n.label_names), n.status)
+    return NodeOut(
+        n.node_id, n.last_seen, n.samples, list(n.label_names), n.status, n.dp_epsilon
+    )
 
 
 def detection_out(d: dict[str, Any]) -> DetectionOut:

@@ -585,7 +585,10 @@ class CatalogStrategy(Strategy):
         """
         samples = sum(n.labels.values()) or int(n.metrics.get(keys.NUM_EXAMPLES, 0))
         self.catalog.upsert_node(
-            n.node_id, samples=samples, label_names=sorted(n.labels)
+            n.node_id,
+            samples=samples,
+            label_names=sorted(n.labels),
+            dp_epsilon=n.metrics.get(keys.DP_EPSILON),
         )
         if n.labels and n.node_id not in self.counted_nodes:
             self.catalog.add_sample_counts(n.labels)

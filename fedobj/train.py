@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -393,6 +394,8 @@ def train_private(
     mask = _logit_mask(_num_outputs(model, data), active)
     t0 = time.perf_counter()
     total_loss, correct, seen, done = 0.0, 0, 0, 0
+    # Opacus' hooks warn on every first backward that the input needs no grad
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     for _ in range(cfg.epochs):
         for images, labels in loader:
             if len(labels) == 0:

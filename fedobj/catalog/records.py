@@ -101,6 +101,7 @@ class NodeRecord:
     samples: int
     label_names: list[str] = field(default_factory=list)
     status: str = "active"
+    dp_epsilon: float | None = None
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,7 @@ def node_from_row(row: Mapping[str, Any]) -> NodeRecord:
         samples=int(row["samples"]),
         label_names=[str(n) for n in json_value(row["label_names"]) or []],
         status=row["status"],
+        dp_epsilon=row.get("dp_epsilon"),
     )
 
 

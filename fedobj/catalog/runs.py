@@ -152,11 +152,13 @@ class RunOps(CatalogBase):
         samples: int,
         label_names: Iterable[str] | None = None,
         status: str = "active",
+        dp_epsilon: float | None = None,
     ) -> NodeRecord:
         """Record that a node was seen now, with its sample count and labels.
 
         Flower node ids are 64-bit integers; they are stored as text.
-        ``label_names=None`` keeps the names the node reported before.
+        ``label_names=None`` keeps the names the node reported before;
+        ``dp_epsilon`` (the DP budget the device reports spent) likewise.
         """
         t = self.tables.Node
         key = str(node_id)
@@ -167,6 +169,8 @@ class RunOps(CatalogBase):
         }
         if label_names is not None:
             values[t.label_names] = [str(n) for n in label_names]
+        if dp_epsilon is not None:
+            values[t.dp_epsilon] = finite_or_none(dp_epsilon)
         async with self._write():
             if await t.exists().where(t.node_id == key):
                 await t.update(values).where(t.node_id == key)

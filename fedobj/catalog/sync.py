@@ -303,12 +303,17 @@ class SyncCatalog:
         samples: int,
         label_names: Iterable[str] | None = None,
         status: str = "active",
+        dp_epsilon: float | None = None,
     ) -> NodeRecord:
         """See :meth:`Catalog.upsert_node`."""
         names = None if label_names is None else list(label_names)
         return _run(
             self.aio.upsert_node(
-                node_id, samples=samples, label_names=names, status=status
+                node_id,
+                samples=samples,
+                label_names=names,
+                status=status,
+                dp_epsilon=dp_epsilon,
             )
         )
 

@@ -127,6 +127,7 @@ class Node(Table, tablename="node"):
     samples = BigInt(default=0)
     label_names = JSON()
     status = Varchar(length=32, default="active")
+    dp_epsilon = DoublePrecision(null=True, default=None)  # DP budget spent (dp=true)
 
 
 class NodeRound(Table, tablename="node_round"):

@@ -61,7 +61,10 @@ def test_dp_budget_is_spent_reported_kept_and_enforced(dp_link, tmp_path: Path) 
     history = json.loads(ledgers[0].read_text())["history"]
     assert history and history[0]["noise_multiplier"] == 1.0
     # no exact label histograms under DP: the catalog's sample counts stay 0
-    assert all(c.sample_count == 0 for c in SyncCatalog(db).list_categories())
+    catalog = SyncCatalog(db)
+    assert all(c.sample_count == 0 for c in catalog.list_categories())
+    nodes = catalog.list_nodes()  # the catalog records each node's spend
+    assert len(nodes) == 2 and all((n.dp_epsilon or 0) > 0 for n in nodes)
 
     # a new run (resume) on the same devices: the budget already spent counts,
     # so with dp-epsilon at what round 1 cost, every device declines

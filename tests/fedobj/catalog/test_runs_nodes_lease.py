@@ -58,6 +58,10 @@ def test_nodes_and_node_rounds(catalog: SyncCatalog) -> None:
     kept = catalog.upsert_node(2**63 + 5, samples=130, status="idle")
     assert (kept.samples, kept.label_names, kept.status) == (130, ["bag"], "idle")
     assert catalog.upsert_node("new", samples=1).label_names == []
+    assert kept.dp_epsilon is None
+    spent = catalog.upsert_node(2**63 + 5, samples=130, dp_epsilon=1.25)
+    assert spent.dp_epsilon == 1.25
+    assert catalog.upsert_node(2**63 + 5, samples=130).dp_epsilon == 1.25  # kept
     assert len(catalog.list_nodes()) == 2
 
     catalog.record_node_round("r", 1, 7, "train", num_examples=50, loss=0.5)
