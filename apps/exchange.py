@@ -101,19 +101,23 @@ def outcome_of(msg: Message) -> NodeOutcome:
     return NodeOutcome(node, values, labels=labels)
 
 
-def rejection(msg: Message, shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """Why a train reply must not be aggregated (contract 5), or None."""
+def checked_update(
+    msg: Message, shapes: dict[str, tuple[int, ...]]
+) -> tuple[dict[str, np.ndarray], None] | tuple[None, str]:
+    """A train reply's arrays (zero-copy views) if it may be aggregated
+    (contract 5), else None and the reason."""
     if msg.has_error():
-        return f"error reply: {msg.error.reason}"
+        return None, f"error reply: {msg.error.reason}"
     content = msg.content
     if keys.ARRAYS not in content.array_records:
-        return "reply has no model arrays"
+        return None, "reply has no model arrays"
     metrics = content.metric_records.get(keys.METRICS)
     n = metrics.get(keys.NUM_EXAMPLES) if metrics is not None else None
     arrays = {k: array_view(v) for k, v in content.array_records[keys.ARRAYS].items()}
-    return validate_update(
+    reason = validate_update(
         arrays, shapes, float(n) if isinstance(n, (int, float)) else float("nan")
     )
+    return (None, reason) if reason is not None else (arrays, None)
 
 
 class ReplyFolder:
@@ -158,8 +162,8 @@ class ReplyFolder:
         """Take one reply: record it, reject it with a reason, or fold it in."""
         outcome = outcome_of(msg)
         self.outcomes.append(outcome)
-        reason = rejection(msg, self.shapes)
-        if reason is not None:
+        arrays, reason = checked_update(msg, self.shapes)
+        if arrays is None:
             self.rejected.append(NodeOutcome(outcome.node_id, error=reason))
             return
         self.valid_count += 1
@@ -172,8 +176,6 @@ class ReplyFolder:
             if isinstance(value, (int, float)) and key != keys.NUM_EXAMPLES:
                 self._metric_sums[key] = self._metric_sums.get(key, 0.0) + n * value
                 self._metric_weights[key] = self._metric_weights.get(key, 0.0) + n
-        record = msg.content.array_records[keys.ARRAYS]
-        arrays = {k: array_view(v) for k, v in record.items()}
         self._fold("_by_n", arrays, n)
         if self.perf_alpha is not None and self.perf_alpha < 1.0:
             acc = metrics.get(keys.LOCAL_ACCURACY)

@@ -87,6 +87,21 @@ def wait_healthy(port: int, log: Path, timeout_s: float = 60) -> None:
         time.sleep(0.2)
 
 
+def deploy_run(
+    env: dict[str, str], run_config: str
+) -> subprocess.CompletedProcess[str]:
+    """``flwr run . deploy`` against the SuperLink named ``deploy`` in Flower's
+    config of ``env``'s FLWR_HOME."""
+    return subprocess.run(
+        [str(BIN / "flwr"), "run", str(ROOT), "deploy", "--stream"]
+        + ["--run-config", run_config],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+
+
 def _stop_all(procs: list[subprocess.Popen[bytes]]) -> list[int]:
     tree: set[int] = set()
     for p in procs:
@@ -145,20 +160,8 @@ def test_superlink_and_two_supernodes_train_from_image_folders(tmp_path: Path) -
                     tmp_path / f"supernode{i}.log",
                 )
             )
-        run = subprocess.run(
-            [
-                str(BIN / "flwr"),
-                "run",
-                str(ROOT),
-                "deploy",
-                "--stream",
-                "--run-config",
-                "num-server-rounds=2 min-nodes=2 fraction-evaluate=1.0 local-epochs=2",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=420,
+        run = deploy_run(
+            env, "num-server-rounds=2 min-nodes=2 fraction-evaluate=1.0 local-epochs=2"
         )
         log = run.stdout + run.stderr
         assert run.returncode == 0, log[-4000:]

@@ -234,10 +234,10 @@ def test_launcher_prepares_the_cache_the_client_app_reads(tmp_path: Path) -> Non
 def test_launcher_supernodes_train_with_a_real_superlink(tmp_path: Path) -> None:
     """The deployment test's shape, with SuperNodes started by the launcher."""
     from tests.apps.test_deployment import (
-        BIN,
         _env,
         _start,
         _stop_all,
+        deploy_run,
         start_superlink,
         wait_healthy,
     )
@@ -281,21 +281,7 @@ def test_launcher_supernodes_train_with_a_real_superlink(tmp_path: Path) -> None
                     tmp_path / f"supernode{i}.log",
                 )
             )
-        run = subprocess.run(
-            [
-                str(BIN / "flwr"),
-                "run",
-                str(ROOT),
-                "deploy",
-                "--stream",
-                "--run-config",
-                "num-server-rounds=1 min-nodes=2 fraction-evaluate=1.0",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=420,
-        )
+        run = deploy_run(env, "num-server-rounds=1 min-nodes=2 fraction-evaluate=1.0")
         log = run.stdout + run.stderr
         assert run.returncode == 0, log[-4000:]
         assert "round 1/1: 2/2 nodes replied" in log, log[-4000:]
