@@ -23,12 +23,15 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from apps.central_dp import central_dp_mod
 from apps.records import get_model_context, load_arrays, model_to_arrays
+from apps.secagg_client import secaggplus_route_mod
 from fedobj import keys
 from fedobj.classmap import ClassMap
 from fedobj.config import RunConfig
 from fedobj.data.fashion_mnist import ImageArrays
 from fedobj.data.node_data import default_cache_dir, load_node_data
+from fedobj.errors import FedObjError
 from fedobj.model.factory import ModelArgs, build_model
 from fedobj.privacy import ACCOUNTANT, PrivacyLedger, PrivacyLedgerError
 from fedobj.train import (
@@ -43,7 +46,8 @@ from fedobj.train import (
 )
 
 log = logging.getLogger("fedobj.client")
-app = ClientApp()
+# central DP: equal weights, and client-side clipping when the server asks for it
+app = ClientApp(mods=[central_dp_mod])
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,11 +94,15 @@ def _mapped(data: ImageArrays, class_map: ClassMap) -> MappedData:
     return map_to_class_map(data, class_map)
 
 
-@app.train()
+# secagg=true: SecAgg+ stage messages go through Flower's secaggplus_mod
+@app.train(mods=[secaggplus_route_mod])
 def train_fn(msg: Message, context: Context) -> Message:
     cfg, _args, class_map, model = _prepare(msg, context)
     config = msg.content.config_records[keys.CONFIG]
-    train_data, eval_data = _node_data(cfg, _args, context, class_map)
+    try:
+        train_data, eval_data = _node_data(cfg, _args, context, class_map)
+    except NODE_DATA_ERRORS as exc:
+        return _data_error(msg, exc)
     server_round = int(config.get(keys.SERVER_ROUND, 1))
     tcfg = TrainConfig(
         epochs=cfg.local_epochs,
@@ -108,6 +116,9 @@ def train_fn(msg: Message, context: Context) -> Message:
         distill_classes=int(config.get(keys.DISTILL_CLASSES, 0)),
         distill_weight=cfg.distill_weight,
         distill_temperature=cfg.distill_temperature,
+        local_loss=cfg.local_loss,
+        restricted_alpha=cfg.restricted_alpha,
+        logit_adjust_tau=cfg.logit_adjust_tau,
     )
     if cfg.dp:
         return _train_private(msg, context, cfg, tcfg, model, train_data, class_map)
@@ -202,7 +213,9 @@ def _train_private(
         model,
         train_data.tensors,
         tcfg,
-        DpSettings(cfg.dp_noise_multiplier, cfg.dp_max_grad_norm),
+        DpSettings(
+            cfg.dp_noise_multiplier, cfg.dp_max_grad_norm, cfg.dp_grad_sample_mode
+        ),
         class_map.active_indices,
     )
     ledger.record(cfg.dp_noise_multiplier, run.sample_rate, run.steps)
@@ -242,10 +255,30 @@ def _decline(msg: Message, reason: str) -> Message:
     return Message(Error(code=0, reason=reason), reply_to=msg)
 
 
+NODE_DATA_ERRORS = (FedObjError, OSError)
+"""What reading a device's data raises: a ``data-dir`` that is missing, not a
+folder or holds no usable image (``fedobj.errors``), or unreadable (OSError)."""
+
+
+def _data_error(msg: Message, exc: Exception) -> Message:
+    """Reply with an error that says why this node's data cannot be used.
+
+    Flower would turn the exception into an error reply too, but with a
+    traceback and ``<class '...'>`` as the reason; this one names the problem.
+    The server logs it with the node id, counts the node as failed and goes on.
+    """
+    reason = f"node data unusable: {exc}"
+    log.error("%s", reason)
+    return Message(Error(code=0, reason=reason), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate_fn(msg: Message, context: Context) -> Message:
     cfg, args, class_map, model = _prepare(msg, context)
-    _, eval_data = _node_data(cfg, args, context, class_map)
+    try:
+        _, eval_data = _node_data(cfg, args, context, class_map)
+    except NODE_DATA_ERRORS as exc:
+        return _data_error(msg, exc)
     result = evaluate(model, eval_data.tensors, class_map.active_indices)
     metrics = MetricRecord(
         {

@@ -17,6 +17,13 @@ of the replies that reported none (they count with the mean accuracy, exactly as
 :func:`fedobj.aggregation.perf_fedavg_weights` does). Strategies whose
 aggregation needs every reply together (FedAdam, a DP wrapper) get the validated
 messages instead (``stream=False``).
+
+A node that dies mid-round does not hold the round until ``round-timeout``: once it
+misses its heartbeats (Flower 1.41: sent every ~20 s, offline after 2 x 30 s) the
+SuperLink answers its message with a ``NODE_UNAVAILABLE`` error reply *from the
+SuperLink*, which :func:`exchange` attributes to the node it was sent to; a node
+that stays silent until the deadline is reported through ``on_missing``. Either way
+the node is counted as failed, with its id and why (:class:`NodeOutcome`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedobj import keys
@@ -37,6 +45,15 @@ POLL_FIRST_S = 0.02
 POLL_MAX_S = 0.5
 """Longest wait between pulls (Flower's own loop always waits 3 s)."""
 
+UNAVAILABLE_CODES = frozenset(
+    {
+        ErrorCode.NODE_UNAVAILABLE,  # the node stopped sending heartbeats
+        ErrorCode.MESSAGE_UNAVAILABLE,  # the instruction expired or was deleted
+        ErrorCode.REPLY_MESSAGE_UNAVAILABLE,  # the reply expired before the pull
+    }
+)
+"""Error codes the SuperLink itself replies with when a node cannot answer."""
+
 
 def exchange(
     grid: Grid,
@@ -44,23 +61,35 @@ def exchange(
     timeout: float,
     on_reply: Callable[[Message], None],
     *,
+    on_missing: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """Push ``messages``; call ``on_reply`` on each reply as soon as it is pulled.
 
-    Returns how many replies arrived before ``timeout`` seconds; the others are
-    the caller's to count as timed out (the round goes on without them).
-    ``clock`` and ``sleep`` are replaceable so the schedule can be tested.
+    Every reply names the node the message went to, including the error replies
+    the SuperLink writes for a node that went offline (their sender is the
+    SuperLink). Returns how many replies arrived before ``timeout`` seconds; for
+    each message still unanswered then, ``on_missing`` gets its node id (the round
+    goes on without it). ``clock`` and ``sleep`` are replaceable so the schedule
+    can be tested.
     """
-    pending = set(grid.push_messages(messages))
+    messages = list(messages)
+    # the Grid writes each message's id into it as it pushes; a message it could
+    # not push gets no id back ("" or None), and no reply will come for it
+    pending = {mid for mid in grid.push_messages(messages) if mid}
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    del messages
     deadline = clock() + timeout
     wait = POLL_FIRST_S
     received = 0
     while pending:
         replies = list(grid.pull_messages(pending))
         for reply in replies:
-            pending.discard(reply.metadata.reply_to_message_id)
+            mid = reply.metadata.reply_to_message_id
+            pending.discard(mid)
+            if mid in node_of:
+                _attribute(reply, node_of[mid])
             received += 1
             on_reply(reply)
         remaining = deadline - clock()
@@ -69,24 +98,60 @@ def exchange(
         wait = POLL_FIRST_S if replies else min(POLL_MAX_S, wait * 1.5)
         del replies
         sleep(min(wait, remaining))
+    if on_missing is not None:
+        for mid in sorted(pending):
+            if mid in node_of:
+                on_missing(node_of[mid])
     return received
+
+
+def _attribute(reply: Message, node_id: int) -> None:
+    """Name ``node_id`` as the sender of a reply the SuperLink wrote on its behalf.
+
+    Flower's unavailability replies come from ``SUPERLINK_NODE_ID``; counted as
+    is, every dead node would look like one node 1. ``Metadata`` has no setter
+    for the sender, so this writes the field the way Flower's own link state
+    writes a message id (``metadata.__dict__``).
+    """
+    if reply.metadata.src_node_id != node_id:
+        reply.metadata.__dict__["_src_node_id"] = node_id
 
 
 @dataclass
 class NodeOutcome:
-    """What a reply said (metrics, label histogram) or why it was not used."""
+    """What a reply said (metrics, label histogram) or why it was not used.
+
+    ``failure`` classifies an unused reply for counts and logs: ``"unavailable"``
+    (the SuperLink says the node is offline or the message expired),
+    ``"timeout"`` (no reply within the round's timeout), ``"error"`` (the node
+    replied with an error: it declined, or could not read its data) or
+    ``"invalid"`` (the reply failed validation); None for a used reply.
+    """
 
     node_id: int
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     labels: dict[str, int] = field(default_factory=dict)
+    failure: str | None = None
+
+
+def failure_of(msg: Message) -> str:
+    """``"unavailable"`` for the SuperLink's own error replies, else ``"error"``."""
+    return "unavailable" if msg.error.code in UNAVAILABLE_CODES else "error"
+
+
+def missing(node_id: int, timeout: float) -> NodeOutcome:
+    """The outcome of a node that did not reply before the deadline."""
+    return NodeOutcome(
+        node_id, error=f"no reply within {timeout:g} s", failure="timeout"
+    )
 
 
 def outcome_of(msg: Message) -> NodeOutcome:
     """A reply's numeric metrics and label histogram, or its error."""
     node = msg.metadata.src_node_id
     if msg.has_error():
-        return NodeOutcome(node, error=str(msg.error.reason))
+        return NodeOutcome(node, error=str(msg.error.reason), failure=failure_of(msg))
     values: dict[str, float] = {}
     for record in msg.content.metric_records.values():
         for k, v in record.items():
@@ -164,7 +229,10 @@ class ReplyFolder:
         self.outcomes.append(outcome)
         arrays, reason = checked_update(msg, self.shapes)
         if arrays is None:
-            self.rejected.append(NodeOutcome(outcome.node_id, error=reason))
+            failure = outcome.failure or "invalid"
+            self.rejected.append(
+                NodeOutcome(outcome.node_id, error=reason, failure=failure)
+            )
             return
         self.valid_count += 1
         if not self.stream:
@@ -186,6 +254,12 @@ class ReplyFolder:
                     self._fold("_by_acc", arrays, float(acc))
             else:
                 self._fold("_no_acc", arrays, 1.0)
+
+    def missed(self, node_id: int, timeout: float) -> None:
+        """Count a node that did not reply in time (``exchange``'s ``on_missing``)."""
+        outcome = missing(node_id, timeout)
+        self.outcomes.append(outcome)
+        self.rejected.append(outcome)
 
     def _fold(self, name: str, arrays: dict[str, np.ndarray], weight: float) -> None:
         mean: StreamingMean | None = getattr(self, name)

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from apps.central_dp import latest_ledger
 from apps.records import load_arrays, model_to_arrays
-from apps.strategy import CatalogStrategy, RoundReport, make_inner_strategy
+from apps.run_lease import held_lease
+from apps.secagg import catalog_strategy_class
+from apps.strategy import RoundReport, make_inner_strategy
 from fedobj import keys
 from fedobj.catalog import SyncCatalog
 from fedobj.classmap import ClassMap
@@ -151,11 +155,8 @@ def run(grid: Grid, context: Context) -> None:
     outputs_root.mkdir(parents=True, exist_ok=True)
     catalog = open_catalog(cfg, outputs_root)
     store = ArtifactStore(cfg.registry_uri or outputs_root)
-    catalog.acquire_lease(run_id, cfg.lease_ttl, force=cfg.allow_concurrent_runs)
-    try:
+    with held_lease(catalog, run_id, cfg.lease_ttl, force=cfg.allow_concurrent_runs):
         _run_with_catalog(grid, cfg, run_id, outputs_root, catalog, store)
-    finally:
-        catalog.release_lease(run_id)
 
 
 def _run_with_catalog(
@@ -231,8 +232,14 @@ def _run_with_catalog(
             )
         catalog.renew_lease(run_id, cfg.lease_ttl)
 
-    strategy = CatalogStrategy(
-        make_inner_strategy(cfg),
+    # the nodes first: central DP's noise and accounting depend on how many there are
+    n_nodes = wait_for_nodes(grid, cfg.min_nodes)
+    ledger = latest_ledger(catalog) if cfg.central_dp_epsilon > 0 else None
+    if ledger is not None:
+        log.info("central DP: continuing the privacy ledger an earlier run recorded")
+    # secagg=true: the same rounds, trained through SecAgg+ (apps/secagg.py)
+    strategy = catalog_strategy_class(cfg)(
+        make_inner_strategy(cfg, n_nodes, ledger),
         catalog=catalog,
         store=store,
         model_args=args,
@@ -247,10 +254,11 @@ def _run_with_catalog(
         seed=cfg.seed,
         distill_rounds=cfg.distill_rounds if cfg.distill_weight > 0 else 0,
         lr_restart_on_growth=cfg.lr_restart_on_growth,
+        central_dp=cfg.central_dp,
+        overlap=cfg.overlap_rounds,
     )
     if current is not None:
         strategy.restore_server_state(current)
-    n_nodes = wait_for_nodes(grid, cfg.min_nodes)
     log.info(
         "%d nodes connected; rounds %d..%d of %s on %s (%d classes)",
         n_nodes,
@@ -301,7 +309,11 @@ def _record_round(outputs: RunOutputs, rep: RoundReport, last_round: int) -> Non
                 if keys.IGNORED_EXAMPLES in m
                 else None,
             )
-    seconds = time.time() - rep.started
+    # with overlapping rounds, the time the round held the loop (its evaluation
+    # and version ran while the next round trained)
+    seconds = (
+        rep.critical_s if rep.critical_s is not None else time.time() - rep.started
+    )
     outputs.add_row(
         round=r,
         kind="round",
@@ -323,8 +335,10 @@ def _record_round(outputs: RunOutputs, rep: RoundReport, last_round: int) -> Non
         extra += f", head grew {rep.grew_from}->{rep.class_map.num_classes}"
     if rep.rolled_back_to:
         extra += f", continued from rolled-back version {rep.rolled_back_to}"
-    if rep.rejected:
-        extra += f", {len(rep.rejected)} rejected"
+    if rep.rejected:  # e.g. "1 rejected (1 unavailable)": a dead node, a bad reply
+        kinds = Counter(b.failure or "dropped" for b in rep.rejected)
+        why = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        extra += f", {len(rep.rejected)} rejected ({why})"
     log.info(
         "round %d/%d: %d/%d nodes replied%s, train loss %s, central accuracy %s "
         "(loss %s), version %s, %.1f s",

@@ -11,20 +11,26 @@ sampling and aggregation (DESIGN.md, "The round").
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from apps.central_dp import PROVENANCE_KEY, spend, wrap_central_dp
 from apps.exchange import NodeOutcome as NodeResult
-from apps.exchange import ReplyFolder, exchange, outcome_of
+from apps.exchange import ReplyFolder, exchange, missing, outcome_of
 from apps.perffedavg import PerfFedAvg
 from apps.records import put_model_context
 from fedobj import keys
@@ -53,6 +59,10 @@ class NoActiveCategoryError(FedObjError):
     """The catalog has no active category: there is nothing to train."""
 
 
+class CentralDpError(FedObjError):
+    """Central DP cannot go on as configured (e.g. the sampled population changed)."""
+
+
 @dataclass
 class RoundReport:
     """What happened in one round, for outputs, logs and the catalog."""
@@ -69,17 +79,39 @@ class RoundReport:
     rolled_back_to: str | None = None
     version: VersionRecord | None = None
     central: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None  # central DP: spend so far and its ledger
+    # seconds the round held the loop (training and federated evaluation); with
+    # overlapping rounds its evaluation and version follow while the next trains
+    critical_s: float | None = None
 
 
-def make_inner_strategy(cfg: RunConfig) -> FedAvg:
-    """Flower's strategy named by ``strategy`` in the run config."""
+def make_inner_strategy(
+    cfg: RunConfig, num_nodes: int | None = None, ledger: dict[str, Any] | None = None
+) -> Strategy:
+    """Flower's strategy named by ``strategy`` in the run config.
+
+    With ``central-dp`` it is wrapped in Flower's DP wrapper (apps/central_dp.py),
+    which needs the number of connected nodes and continues ``ledger``, the
+    accountant state an earlier run recorded.
+    """
+    base = _base_strategy(cfg)
+    if cfg.central_dp == "none":
+        return base
+    if num_nodes is None:
+        raise ValueError("central DP needs the number of connected nodes")
+    return wrap_central_dp(base, cfg, num_nodes, ledger)
+
+
+def _base_strategy(cfg: RunConfig) -> FedAvg:
+    # central DP's noise assumes an equal-weight mean (apps/central_dp.py)
+    weight = keys.UNIT_WEIGHT if cfg.central_dp != "none" else keys.NUM_EXAMPLES
     common: dict[str, Any] = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_nodes,
         min_evaluate_nodes=min(cfg.min_nodes, 2),
         min_available_nodes=cfg.min_nodes,
-        weighted_by_key=keys.NUM_EXAMPLES,
+        weighted_by_key=weight,
         arrayrecord_key=keys.ARRAYS,
         configrecord_key=keys.CONFIG,
     )
@@ -142,6 +174,18 @@ class CatalogStrategy(Strategy):
     distill_rounds
         After a growth, for this many rounds, train messages ask nodes to distil
         the old classes from the model they receive (``distill-classes``).
+    central_dp
+        The ``central-dp`` mode ``inner`` is wrapped for; train messages carry it
+        so nodes weigh their replies equally and clip where the mode says.
+    overlap
+        Finish round N (centralised evaluation, checkpoint, version, catalog rows,
+        ``on_round``) in a worker thread while round N+1 trains: the nodes do not
+        wait for the server's evaluation. Finishes still run one at a time and in
+        order, and the version rules (parent, current, rollback) are the same as
+        without overlap (see :meth:`_register`). Worth it when the ServerApp has
+        cores of its own (a deployment); in a one-machine simulation its
+        evaluation competes with the nodes' training (measured: no gain on 2
+        cores), so the run config's ``overlap-rounds`` defaults to false.
     """
 
     def __init__(
@@ -164,10 +208,15 @@ class CatalogStrategy(Strategy):
         seed: int = 0,
         distill_rounds: int = 0,
         lr_restart_on_growth: bool = False,
+        central_dp: str = "none",
+        overlap: bool = False,
     ) -> None:
         if promote not in ("latest", "best"):
             raise ValueError(f"promote must be 'latest' or 'best', got {promote!r}")
         self.inner = inner
+        # a DP wrapper keeps the strategy it wraps (FedAdam's moments live there)
+        self.base: Strategy = getattr(inner, "strategy", inner)
+        self.central_dp = central_dp
         # FedAvg, FedProx and PerfFedAvg aggregate as replies arrive; FedAdam
         # (and any wrapper) needs every reply together (apps/exchange.py)
         self.streams = type(inner) in (FedAvg, FedProx, PerfFedAvg)
@@ -186,12 +235,19 @@ class CatalogStrategy(Strategy):
         self.provenance = dict(provenance or {})
         self.seed = seed
         self.class_map = ClassMap()
-        self.last_version_id: Any = None
+        self.overlap = overlap
         self.reports: dict[int, RoundReport] = {}
         self.counted_nodes: set[int] = set()
-        # the version the current model came from (parent of the next one), and
-        # the version this run believes is current: a difference is an admin's move
+        # the version the last finished round registered (parent of the next one
+        # unless a rollback intervenes), the version this run believes is current
+        # (a difference is an admin's move), and the last round that started from
+        # a rolled-back version (older rounds finishing later never become current);
+        # the lock makes "read current, register, update" atomic against the check
+        # at the start of a round
+        self.last_version_id: Any = None
         self.expected_current: Any = None
+        self.rollback_round = 0
+        self._versions_lock = threading.Lock()
         self.distill_rounds = distill_rounds
         self.lr_restart_on_growth = lr_restart_on_growth
         self.lr_phase_start = 1
@@ -228,6 +284,8 @@ class CatalogStrategy(Strategy):
         config[keys.DISTILL_CLASSES] = (
             self.distill_classes if server_round <= self.distill_until else 0
         )
+        if self.central_dp != "none":
+            config[keys.CENTRAL_DP] = self.central_dp
         return self.inner.configure_train(
             server_round, arrays, self._context(config), grid
         )
@@ -247,6 +305,12 @@ class CatalogStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        if self.central_dp != "none":
+            # the equal weights are for the private mean of the updates; held-out
+            # metrics still count every example (and carry no unit weight)
+            return aggregate_metricrecords(
+                [m.content for m in replies], keys.NUM_EXAMPLES
+            )
         return self.inner.aggregate_evaluate(server_round, replies)
 
     # ------------------------------------------------------------ the loop
@@ -285,18 +349,56 @@ class CatalogStrategy(Strategy):
         else:  # a fresh model does not "roll back" to what an older run left current
             current = self.catalog.current_version()
             self.expected_current = current.id if current is not None else None
+        self.rollback_round = 0
         result = Result()
         arrays = initial_arrays
         t_start = time.time()
-        for server_round in range(first_round, first_round + num_rounds):
-            arrays, report = self._round(
-                grid, server_round, arrays, timeout, train_config, evaluate_config
-            )
-            result.arrays = arrays
+        pool = ThreadPoolExecutor(1, "fedobj-finish") if self.overlap else None
+        pending: tuple[RoundReport, Future[None]] | None = None
+
+        def collect(report: RoundReport, done: Future[None] | None) -> None:
+            if done is not None:
+                done.result()  # the finish's own error, if any, surfaces here
             if report.central:
-                result.evaluate_metrics_serverapp[server_round] = MetricRecord(
+                result.evaluate_metrics_serverapp[report.server_round] = MetricRecord(
                     dict(report.central)
                 )
+
+        try:
+            for server_round in range(first_round, first_round + num_rounds):
+                try:
+                    arrays, report, finish = self._round(
+                        grid,
+                        server_round,
+                        arrays,
+                        timeout,
+                        train_config,
+                        evaluate_config,
+                    )
+                except PrivacyBudgetExhausted as exc:
+                    # the budget is a stop, not a failure: every version so far stands
+                    log.warning(
+                        "central DP budget reached: round %d not run, stopping (%s)",
+                        server_round,
+                        exc,
+                    )
+                    break
+                result.arrays = arrays
+                if pending is not None:  # finished while this round trained
+                    collect(*pending)
+                    pending = None
+                if pool is None:
+                    finish()
+                    collect(report, None)
+                else:
+                    pending = (report, pool.submit(finish))
+        finally:
+            # nothing lost: a round that trained is always finished, even when
+            # the next one failed
+            if pending is not None:
+                collect(*pending)
+            if pool is not None:
+                pool.shutdown(wait=True)
         log.info("%d rounds in %.1f s", num_rounds, time.time() - t_start)
         return result
 
@@ -315,9 +417,11 @@ class CatalogStrategy(Strategy):
         timeout: float,
         train_config: ConfigRecord,
         evaluate_config: ConfigRecord,
-    ) -> tuple[ArrayRecord, RoundReport]:
+    ) -> tuple[ArrayRecord, RoundReport, Callable[[], None]]:
+        """Train and federatedly evaluate one round; return the new arrays, the
+        report and the round's finish (centralised evaluation, version, rows)."""
         started = time.time()
-        arrays, rolled_back = self._follow_rollback(arrays)
+        arrays, rolled_back, parent = self._follow_rollback(arrays, server_round)
         snapshot = self.catalog.snapshot()  # once per round (contract 3)
         self._check_active(snapshot)
         arrays, grew_from = self._grow(arrays, snapshot)
@@ -342,15 +446,94 @@ class CatalogStrategy(Strategy):
         while len(self.reports) > REPORTS_KEPT:  # memory must not grow with rounds
             del self.reports[min(self.reports)]
 
-        messages = list(self.configure_train(server_round, arrays, train_config, grid))
+        arrays, valid_count = self._train(
+            grid, server_round, arrays, timeout, train_config, report
+        )
+
+        eval_msgs = list(
+            self.configure_evaluate(server_round, arrays, evaluate_config, grid)
+        )
+        if eval_msgs:
+            eval_replies: list[Message] = []
+            silent: list[int] = []  # nodes that did not answer in time
+            exchange(
+                grid, eval_msgs, timeout, eval_replies.append, on_missing=silent.append
+            )
+            report.evaluate = [outcome_of(m) for m in eval_replies]
+            report.evaluate += [missing(n, timeout) for n in silent]
+            for bad in report.evaluate:
+                if bad.error is not None:
+                    log.warning(
+                        "round %d: evaluate reply from node %d rejected: %s",
+                        server_round,
+                        bad.node_id,
+                        bad.error,
+                    )
+            ok = [
+                m for m in eval_replies if not m.has_error() and _num_examples(m) > 0
+            ]  # Flower divides by the summed weights
+            if ok:
+                self.aggregate_evaluate(server_round, ok)
+        # what the finish needs, taken now: the next round may grow the head,
+        # follow a rollback or move FedAdam's moments while this one finishes
+        class_map, model_args = self.class_map, self.model_args
+        server_state = self._server_state()
+        if self.overlap:
+            report.critical_s = time.time() - started
+
+        def finish() -> None:
+            if self.evaluate_fn is not None:
+                report.central = self.evaluate_fn(server_round, arrays, class_map)
+            report.version = self._register(
+                server_round,
+                arrays,
+                report,
+                class_map=class_map,
+                model_args=model_args,
+                server_state=server_state,
+                parent=parent,
+            )
+            self._record(report, valid_count)
+            if self.on_round is not None:
+                self.on_round(report)
+
+        return arrays, report, finish
+
+    def _train(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        timeout: float,
+        train_config: ConfigRecord,
+        report: RoundReport,
+    ) -> tuple[ArrayRecord, int]:
+        """The round's training exchange: the new arrays and how many replies
+        were aggregated (``apps/secagg.py`` replaces it with SecAgg+)."""
+        try:
+            messages = list(
+                self.configure_train(server_round, arrays, train_config, grid)
+            )
+        except ValueError as exc:  # Flower's accountant: the sample size changed
+            if self.central_dp == "none":
+                raise
+            raise CentralDpError(
+                f"round {server_round}: central DP accounting cannot go on: {exc}"
+            ) from None
         report.sampled = len(messages)
         self.catalog.start_round(self.run_id, server_round, len(messages))
         folder = ReplyFolder(
             arrays,
             stream=self.streams,
-            perf_alpha=getattr(self.inner, "perf_alpha", None),
+            perf_alpha=getattr(self.base, "perf_alpha", None),
         )
-        exchange(grid, messages, timeout, folder)
+        exchange(
+            grid,
+            messages,
+            timeout,
+            folder,
+            on_missing=functools.partial(folder.missed, timeout=timeout),
+        )
         del messages
         report.train, report.rejected = folder.outcomes, folder.rejected
         for bad in report.rejected:
@@ -390,49 +573,72 @@ class CatalogStrategy(Strategy):
                 self.min_replies,
             )
         valid_count = folder.valid_count
+        self._log_privacy(server_round, report)
         del folder
-
-        eval_msgs = list(
-            self.configure_evaluate(server_round, arrays, evaluate_config, grid)
-        )
-        if eval_msgs:
-            eval_replies: list[Message] = []
-            exchange(grid, eval_msgs, timeout, eval_replies.append)
-            report.evaluate = [outcome_of(m) for m in eval_replies]
-            ok = [
-                m for m in eval_replies if not m.has_error() and _num_examples(m) > 0
-            ]  # Flower divides by the summed weights
-            if ok:
-                self.aggregate_evaluate(server_round, ok)
-        if self.evaluate_fn is not None:
-            report.central = self.evaluate_fn(server_round, arrays, self.class_map)
-        report.version = self._register(server_round, arrays, report)
-        self._record(report, valid_count)
-        if self.on_round is not None:
-            self.on_round(report)
-        return arrays, report
+        return arrays, valid_count
 
     # ------------------------------------------------------------ steps
 
-    def _follow_rollback(self, arrays: ArrayRecord) -> tuple[ArrayRecord, str | None]:
-        """If an admin made another version current, continue from it."""
-        current = self.catalog.current_version()
-        if current is None or current.id == self.expected_current:
-            return arrays, None
+    def _log_privacy(self, server_round: int, report: RoundReport) -> None:
+        """Central DP: the spend (fixed clipping) or the clipping bound (adaptive)."""
+        if self.central_dp == "none":
+            return
+        report.privacy = spend(self.inner)
+        if report.privacy is not None:
+            p = report.privacy
+            log.info(
+                "round %d: central DP epsilon %.4f at delta %g after %d releases "
+                "(%s accountant, noise multiplier %g, clipping norm %g, %d nodes "
+                "sampled, no amplification by sampling)",
+                server_round,
+                p["epsilon"],
+                p["delta"],
+                p["releases"],
+                p["accountant"],
+                p["noise_multiplier"],
+                p["clipping_norm"],
+                p["sampled_nodes"],
+            )
+        else:
+            log.info(
+                "round %d: central DP (%s) %s %.4f, noise multiplier "
+                "%g; no accountant (central-dp-epsilon=0)",
+                server_round,
+                self.central_dp,
+                "clipping norm now"
+                if self.central_dp.endswith("adaptive")
+                else "clipping norm",
+                float(getattr(self.inner, "clipping_norm", float("nan"))),
+                float(getattr(self.inner, "noise_multiplier", float("nan"))),
+            )
+
+    def _follow_rollback(
+        self, arrays: ArrayRecord, server_round: int
+    ) -> tuple[ArrayRecord, str | None, Any]:
+        """If an admin made another version current, continue from it.
+
+        Returns the arrays to train, the rolled-back version's name and the
+        round's parent when it is not simply the previous round's version.
+        """
+        with self._versions_lock:
+            current = self.catalog.current_version()
+            if current is None or current.id == self.expected_current:
+                return arrays, None, None
+            self.expected_current = current.id
+            self.rollback_round = server_round
         ckpt = self.store.load_checkpoint(
             current.checkpoint_uri, current.checkpoint_sha256
         )
         self.class_map = ckpt.class_map
         self.model_args = ckpt.model_args
         self.restore_server_state(current)
-        self.last_version_id = self.expected_current = current.id
         log.info(
             "rollback honoured: continuing from version %s (run %s, round %d)",
             current.name,
             current.run_id,
             current.round,
         )
-        return ArrayRecord(ckpt.state_dict), current.name
+        return ArrayRecord(ckpt.state_dict), current.name, current.id
 
     def _grow(
         self, arrays: ArrayRecord, snapshot: ClassMap
@@ -447,10 +653,10 @@ class CatalogStrategy(Strategy):
             _numpy(arrays), heads, old_n, new_n, self.head_init, self.seed + new_n
         )
         for name in ("m_t", "v_t"):  # FedAdam's moments grow with zeros
-            state = getattr(self.inner, name, None)
+            state = getattr(self.base, name, None)
             if state:
                 setattr(
-                    self.inner,
+                    self.base,
                     name,
                     {
                         k: grow_rows(v, new_n, "zeros") if k in heads else v
@@ -490,7 +696,7 @@ class CatalogStrategy(Strategy):
         state = {
             f"{name}/{k}": v
             for name in ("m_t", "v_t")
-            for k, v in (getattr(self.inner, name, None) or {}).items()
+            for k, v in (getattr(self.base, name, None) or {}).items()
         }
         if not state:
             return None
@@ -500,16 +706,16 @@ class CatalogStrategy(Strategy):
 
     def restore_server_state(self, version: VersionRecord) -> None:
         for name in ("m_t", "v_t"):
-            if hasattr(self.inner, name):
-                setattr(self.inner, name, None)
-        if not version.server_state_uri or not hasattr(self.inner, "m_t"):
+            if hasattr(self.base, name):
+                setattr(self.base, name, None)
+        if not version.server_state_uri or not hasattr(self.base, "m_t"):
             return
         sha = str(version.provenance.get("server_state_sha256", ""))
         data = self.store.read_verified(version.server_state_uri, sha)
         with np.load(io.BytesIO(data)) as npz:
             for name in ("m_t", "v_t"):
                 setattr(
-                    self.inner,
+                    self.base,
                     name,
                     {
                         k.split("/", 1)[1]: npz[k]
@@ -519,13 +725,29 @@ class CatalogStrategy(Strategy):
                 )
 
     def _register(
-        self, server_round: int, arrays: ArrayRecord, report: RoundReport
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        report: RoundReport,
+        *,
+        class_map: ClassMap,
+        model_args: ModelArgs,
+        server_state: bytes | None,
+        parent: Any = None,
     ) -> VersionRecord:
+        """Store the round's checkpoint and register its version.
+
+        Parent: the version the round started from (``parent`` after a rollback,
+        else the one the previous round registered). Current: yes, unless an admin
+        moved the current version since this run last set it (their choice wins;
+        the next round starts from it), or a later round already started from a
+        rolled-back version, or ``promote="best"`` finds a better one.
+        """
         key = f"{self.run_id}/round-{server_round:03d}"
         metrics = dict(report.central)
         ckpt = Checkpoint(
-            self.model_args,
-            self.class_map,
+            model_args,
+            class_map,
             arrays.to_torch_state_dict(),
             round=server_round,
             metrics=metrics,
@@ -533,49 +755,72 @@ class CatalogStrategy(Strategy):
         )
         art = self.store.save_checkpoint(f"{key}.pt", ckpt)
         provenance = dict(self.provenance)
+        if report.privacy is not None:  # the next run continues this ledger
+            provenance[PROVENANCE_KEY] = report.privacy
+            metrics["central-dp-epsilon"] = float(report.privacy["epsilon"])
         state_uri = None
-        state = self._server_state()
-        if state is not None:
-            state_art = self.store.put_bytes(f"{key}.server.npz", state)
+        if server_state is not None:
+            state_art = self.store.put_bytes(f"{key}.server.npz", server_state)
             state_uri = state_art.uri
             provenance["server_state_sha256"] = state_art.sha256
-        make_current = True
+        with self._versions_lock:  # against the check at the start of a round
+            version = self.catalog.register_version(
+                run_id=self.run_id,
+                round=server_round,
+                class_map=class_map,
+                metrics=metrics,
+                checkpoint_uri=art.uri,
+                checkpoint_sha256=art.sha256,
+                size_bytes=art.size,
+                provenance=provenance,
+                parent=parent if parent is not None else self.last_version_id,
+                make_current=self._becomes_current(
+                    server_round, report, metrics, class_map
+                ),
+                server_state_uri=state_uri,
+            )
+            self.last_version_id = version.id  # our model is this version now
+            if version.is_current:
+                self.expected_current = version.id
+        return version
+
+    def _becomes_current(
+        self,
+        server_round: int,
+        report: RoundReport,
+        metrics: dict[str, float],
+        class_map: ClassMap,
+    ) -> bool:
+        """Whether the round's version is made current (see :meth:`_register`);
+        called with the versions lock held."""
+        if server_round < self.rollback_round:
+            # a later round already continues from a rolled-back version
+            log.info(
+                "round %d: a later round continues from a rolled-back version; "
+                "this round's version is registered but not made current",
+                server_round,
+            )
+            return False
         current = self.catalog.current_version()
         if current is not None and current.id != self.expected_current:
             # an admin rolled back while this round ran: their choice wins, and the
             # next round continues from it (this round's version is kept, not current)
-            make_current = False
             log.info(
                 "round %d: current version moved to %s during the round; "
                 "this round's version is registered but not made current",
                 server_round,
                 current.name,
             )
-        elif self.promote == "best" and report.grew_from is None:
-            best = self.catalog.best_version(self.class_map)
+            return False
+        if self.promote == "best" and report.grew_from is None:
+            best = self.catalog.best_version(class_map)
             acc = metrics.get("accuracy")
-            make_current = (
+            return (
                 best is None
                 or best.accuracy is None
                 or (acc is not None and acc >= best.accuracy)
             )
-        version = self.catalog.register_version(
-            run_id=self.run_id,
-            round=server_round,
-            class_map=self.class_map,
-            metrics=metrics,
-            checkpoint_uri=art.uri,
-            checkpoint_sha256=art.sha256,
-            size_bytes=art.size,
-            provenance=provenance,
-            parent=self.last_version_id,
-            make_current=make_current,
-            server_state_uri=state_uri,
-        )
-        self.last_version_id = version.id  # our model is this version now
-        if version.is_current:
-            self.expected_current = version.id
-        return version
+        return True
 
     def _node_seen(self, n: NodeResult) -> None:
         """Keep ``Node`` rows and categories' ``sample_count`` real.

@@ -8,7 +8,7 @@ offending key in one line, before any round starts.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -17,10 +17,19 @@ from fedobj.data.partition import PARTITIONERS
 from fedobj.errors import ConfigError
 from fedobj.model.factory import MODEL_NAMES, NORMS
 from fedobj.model.growth import HEAD_ALIGNS, HEAD_INITS
-from fedobj.train import lr_for_round
+from fedobj.train import DP_GRAD_SAMPLE_MODES, LOCAL_LOSSES, lr_for_round
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "perffedavg")
 LR_SCHEDULES = ("constant", "exponential", "cosine")
+SECAGG_MODULUS = 2**32
+"""Flower's SecAgg+ mask modulus (its default and maximum; not configurable)."""
+CENTRAL_DP_MODES = (
+    "none",
+    "server-fixed",
+    "client-fixed",
+    "server-adaptive",
+    "client-adaptive",
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,9 @@ class RunConfig:
     distill_weight: float = 1.0
     distill_rounds: int = 5
     distill_temperature: float = 2.0
+    local_loss: str = "ce"
+    restricted_alpha: float = 0.5
+    logit_adjust_tau: float = 1.0
     class_split: str = "none"
     new_node_fraction: float = 0.3
     promote: str = "latest"
@@ -77,9 +89,24 @@ class RunConfig:
     dp_delta: float = 1e-5
     dp_max_grad_norm: float = 1.0
     dp_noise_multiplier: float = 1.0
+    dp_grad_sample_mode: str = "ghost"
+    central_dp: str = "none"
+    central_dp_noise_multiplier: float = 1.0
+    central_dp_clipping_norm: float = 1.0
+    central_dp_target_quantile: float = 0.5
+    central_dp_clip_lr: float = 0.2
+    central_dp_epsilon: float = 0.0
+    central_dp_delta: float = 1e-5
     resume: bool = False
+    overlap_rounds: bool = False
     allow_concurrent_runs: bool = False
     lease_ttl: float = 1800.0
+    secagg: bool = False
+    secagg_num_shares: float = 1.0
+    secagg_reconstruction_threshold: float = 0.67
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4_194_304
+    secagg_max_weight: float = 100_000.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, rule: str) -> None:
@@ -138,6 +165,13 @@ class RunConfig:
         need(self.distill_rounds >= 0, "distill-rounds", "must be >= 0")
         need(self.distill_temperature > 0, "distill-temperature", "must be > 0")
         need(
+            self.local_loss in LOCAL_LOSSES,
+            "local-loss",
+            f"must be one of {LOCAL_LOSSES}",
+        )
+        need(0 <= self.restricted_alpha <= 1, "restricted-alpha", "must be in [0, 1]")
+        need(self.logit_adjust_tau >= 0, "logit-adjust-tau", "must be >= 0")
+        need(
             self.class_split in ("none", "disjoint"),
             "class-split",
             "must be none or disjoint",
@@ -149,11 +183,18 @@ class RunConfig:
         need(self.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be > 0")
         need(self.dp_noise_multiplier > 0, "dp-noise-multiplier", "must be > 0")
         need(
+            self.dp_grad_sample_mode in DP_GRAD_SAMPLE_MODES,
+            "dp-grad-sample-mode",
+            f"must be one of {DP_GRAD_SAMPLE_MODES}",
+        )
+        need(
             not (self.dp and self.strategy == "fedprox"),
             "strategy",
             "cannot be fedprox with dp=true (DP-SGD clips per-sample gradients; "
             "the proximal term would bypass the clipping)",
         )
+        self._check_central_dp(need)
+        self._check_secagg(need)
         for key in ("dataset-dir", "outputs-dir", "pretrained-path"):
             value = getattr(self, key.replace("-", "_"))
             need(
@@ -161,6 +202,131 @@ class RunConfig:
                 key,
                 "must be an absolute path (nodes and the ServerApp run elsewhere)",
             )
+
+    def _check_central_dp(self, need: Callable[[bool, str, str], None]) -> None:
+        """Central DP settings, and the combinations Flower's wrappers cannot hold."""
+        need(
+            self.central_dp in CENTRAL_DP_MODES,
+            "central-dp",
+            f"must be one of {CENTRAL_DP_MODES}",
+        )
+        need(
+            self.central_dp_noise_multiplier >= 0,
+            "central-dp-noise-multiplier",
+            "must be >= 0",
+        )
+        need(
+            self.central_dp_clipping_norm > 0, "central-dp-clipping-norm", "must be > 0"
+        )
+        need(
+            0 <= self.central_dp_target_quantile <= 1,
+            "central-dp-target-quantile",
+            "must be in [0, 1]",
+        )
+        need(self.central_dp_clip_lr > 0, "central-dp-clip-lr", "must be > 0")
+        need(self.central_dp_epsilon >= 0, "central-dp-epsilon", "must be >= 0")
+        need(0 < self.central_dp_delta < 1, "central-dp-delta", "must be in (0, 1)")
+        if self.central_dp == "none":
+            return
+        need(
+            self.strategy != "perffedavg",
+            "strategy",
+            "cannot be perffedavg with central-dp (central DP bounds each node's "
+            "share of an equal-weight mean; PerfFedAvg weighs nodes by accuracy)",
+        )
+        if self.central_dp_epsilon > 0:
+            need(
+                self.central_dp.endswith("-fixed"),
+                "central-dp",
+                "must be server-fixed or client-fixed with central-dp-epsilon > 0 "
+                "(Flower's privacy accountant covers fixed clipping only)",
+            )
+            need(
+                self.strategy in ("fedavg", "fedprox"),
+                "strategy",
+                "must be fedavg or fedprox with central-dp-epsilon > 0 (Flower's "
+                "accountant needs FedAvg's aggregation)",
+            )
+            need(
+                self.central_dp_noise_multiplier > 0,
+                "central-dp-noise-multiplier",
+                "must be > 0 with central-dp-epsilon > 0",
+            )
+
+    def _check_secagg(self, need: Callable[[bool, str, str], None]) -> None:
+        """SecAgg+ settings (apps/secagg.py explains the arithmetic) and the
+        combinations its legacy workflow cannot hold."""
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        need(
+            0 < shares <= 1 or (shares == int(shares) and shares >= 3),
+            "secagg-num-shares",
+            "must be a share of the sampled nodes in (0, 1] or a count >= 3",
+        )
+        need(
+            0 < threshold <= 1 or (threshold == int(threshold) and threshold >= 2),
+            "secagg-reconstruction-threshold",
+            "must be a share of secagg-num-shares in (0, 1] or a count >= 2",
+        )
+        need(
+            not (shares > 1 and threshold > 1 and threshold >= shares),
+            "secagg-reconstruction-threshold",
+            "must be below secagg-num-shares",
+        )
+        need(self.secagg_clipping_range > 0, "secagg-clipping-range", "must be > 0")
+        need(
+            2 <= self.secagg_quantization_range < 2**31,
+            "secagg-quantization-range",
+            "must be in [2, 2**31) (Flower rounds quantised values to int32)",
+        )
+        need(
+            0 < self.secagg_max_weight <= self.secagg_quantization_range,
+            "secagg-max-weight",
+            "must be in (0, secagg-quantization-range] (one example must move "
+            "the quantised weight by at least one step)",
+        )
+        if not self.secagg:
+            return
+        max_nodes = (SECAGG_MODULUS - 1) // self.secagg_quantization_range
+        need(
+            self.min_nodes >= 3,
+            "min-nodes",
+            "must be >= 3 with secagg=true (with two, each node learns the "
+            "other's update from the mean it is sent next round)",
+        )
+        need(
+            self.min_nodes <= max_nodes,
+            "min-nodes",
+            f"must be <= {max_nodes} with secagg-quantization-range "
+            f"{self.secagg_quantization_range}: the sum of that many quantised "
+            "updates would overflow the 2**32 modulus",
+        )
+        need(
+            shares <= 1 or shares <= self.min_nodes,
+            "secagg-num-shares",
+            "as a count must be <= min-nodes",
+        )
+        need(
+            self.strategy == "fedavg",
+            "strategy",
+            "must be fedavg with secagg=true (the server sees only the weighted "
+            "sum: no PerfFedAvg/FedProx/FedAdam on Flower's SecAgg+ workflow)",
+        )
+        need(
+            not self.dp,
+            "dp",
+            "cannot be true with secagg=true (not wired on the legacy workflow)",
+        )
+        need(
+            self.central_dp == "none",
+            "central-dp",
+            "must be none with secagg=true (Flower's DP wrappers need each update)",
+        )
+        need(
+            self.norm != "batch",
+            "norm",
+            "cannot be batch with secagg=true (BatchNorm's counters and running "
+            "variances are unbounded: they do not fit a clipping range)",
+        )
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:

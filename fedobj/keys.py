@@ -16,9 +16,12 @@ CLASS_MAP = "class-map"  # fedobj.classmap.ClassMap.to_json()
 MODEL_ARGS = "model-args"  # json of fedobj.model.ModelArgs
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 DISTILL_CLASSES = "distill-classes"  # > 0 after growth: distil the first k classes
+SECAGG_ARRAY_NAMES = "secagg-array-names"  # json list: names of the legacy arrays
+CENTRAL_DP = "central-dp"  # the central-DP mode; its replies weigh 1 each
 
 # MetricRecord keys (node -> server).
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
+UNIT_WEIGHT = "unit-weight"  # 1 per reply: central DP averages nodes uniformly
 TRAIN_LOSS = "train-loss"
 TRAIN_ACCURACY = "train-accuracy"
 TRAIN_SECONDS = "train-seconds"
@@ -26,6 +29,7 @@ EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 LOCAL_ACCURACY = "local-accuracy"  # held-out accuracy of the locally trained model
 IGNORED_EXAMPLES = "ignored-examples"
+SECAGG_CLIPPED = "secagg-clipped"  # values outside secagg-clipping-range
 # DP-SGD (dp=true): what was spent so far and what it is computed from
 DP_EPSILON = "dp-epsilon"  # total spent by this device, all rounds and runs
 DP_DELTA = "dp-delta"

@@ -102,6 +102,9 @@ class TrainConfig:
     distill_classes: int = 0  # > 0: distil the first k classes' outputs (LwF)
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
+    local_loss: str = "ce"  # one of LOCAL_LOSSES: how classes absent locally count
+    restricted_alpha: float = 0.5  # "restricted": scale of absent classes' logits
+    logit_adjust_tau: float = 1.0  # "logit-adjusted": weight of log local prior
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,81 @@ def _logit_mask(num_classes: int, active: list[int] | None) -> torch.Tensor | No
     mask = torch.full((num_classes,), float("-inf"))
     mask[torch.as_tensor(active, dtype=torch.long)] = 0.0
     return mask
+
+
+LOCAL_LOSSES = ("ce", "restricted", "restricted-new", "logit-adjusted")
+
+
+def restricted_logits(
+    logits: torch.Tensor, present: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """FedRS (Li & Zhan, KDD 2021): scale the logits of locally absent classes by alpha.
+
+    Under label skew a node's cross-entropy pushes every class it never sees
+    down on all its images; averaged over nodes, that drags the rows of classes
+    held by few nodes (new categories after a growth, or old ones on new-only
+    nodes) towards "never predicted". Scaling those logits by ``alpha`` shrinks
+    their share of the softmax, and with it that push: ``alpha = 1`` is plain
+    cross-entropy, ``alpha = 0`` leaves absent rows no gradient at all (their
+    logit is the constant 0). ``present`` is a bool vector over the head's rows.
+    """
+    scale = torch.where(
+        present.to(logits.device),
+        torch.ones((), dtype=logits.dtype, device=logits.device),
+        torch.full((), alpha, dtype=logits.dtype, device=logits.device),
+    )
+    return logits * scale
+
+
+def adjusted_logits(
+    logits: torch.Tensor, counts: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """Logit adjustment by the local label prior (Menon et al. 2021; FedLC, ICML 2022).
+
+    Training on ``logits + tau * log(prior)`` makes the node's frequent classes
+    pay for their frequency, so the learnt logits approximate the balanced
+    (prior-free) ones that the averaged model should hold. Classes with no local
+    sample have prior 0: their logit becomes -inf, i.e. they are masked out of the
+    local softmax (no gradient, no push). ``counts`` are per-row sample counts.
+    """
+    counts = counts.to(device=logits.device, dtype=logits.dtype)
+    prior = counts / counts.sum().clamp_min(1.0)
+    offset = torch.where(
+        counts > 0,
+        tau * torch.log(prior.clamp_min(torch.finfo(logits.dtype).tiny)),
+        torch.full_like(prior, float("-inf")),
+    )
+    return logits + offset
+
+
+def local_loss_logits(
+    logits: torch.Tensor, counts: torch.Tensor, cfg: TrainConfig
+) -> torch.Tensor:
+    """The logits the local cross-entropy sees under ``cfg.local_loss``.
+
+    ``counts`` is the node's per-class sample count over the head's rows (what
+    it knows of its own labels; nothing leaves the node). Inactive rows must be
+    masked *after* this (``-inf`` scaled by 0 would be NaN).
+    """
+    if cfg.local_loss == "ce":
+        return logits
+    if cfg.local_loss == "restricted":
+        return restricted_logits(logits, counts > 0, cfg.restricted_alpha)
+    if cfg.local_loss == "restricted-new":
+        # only the rows a recent growth added (index >= distill-classes, while
+        # the server asks for distillation) are restricted where absent: a node
+        # holding only old categories stops pushing them down, while a node
+        # holding new ones still pushes the old rows down on its images, which
+        # is what teaches "this is not an old category"; outside a growth
+        # window (distill-classes 0) it is plain cross-entropy
+        rows = torch.arange(counts.shape[0], device=counts.device)
+        keep = (counts > 0) | (rows < cfg.distill_classes) | (cfg.distill_classes == 0)
+        return restricted_logits(logits, keep, cfg.restricted_alpha)
+    if cfg.local_loss == "logit-adjusted":
+        return adjusted_logits(logits, counts, cfg.logit_adjust_tau)
+    raise ValueError(
+        f"local-loss must be one of {LOCAL_LOSSES}, got {cfg.local_loss!r}"
+    )
 
 
 def distillation_loss(
@@ -216,6 +294,7 @@ def _train(
     ]
     distil = teacher is not None and len(old) > 1 and cfg.distill_weight > 0
     old_classes = torch.as_tensor(old, dtype=torch.long)
+    counts = torch.bincount(data.labels, minlength=num_classes)[:num_classes]
     if teacher is not None:
         teacher.eval()
     n = len(data)
@@ -233,7 +312,8 @@ def _train(
                 x[flip] = x[flip].flip(-1)
             y = data.labels[idx]
             raw = model(x)
-            logits = raw + mask if mask is not None else raw
+            shaped = local_loss_logits(raw, counts, cfg)
+            logits = shaped + mask if mask is not None else shaped
             loss = F.cross_entropy(logits, y)
             if distil:
                 assert teacher is not None
@@ -251,7 +331,9 @@ def _train(
                             p.grad.add_(p - g, alpha=cfg.proximal_mu)
             opt.step()
             total_loss += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
+            # accuracy of the full head, as evaluated, not of the shaped logits
+            full = raw.detach() + mask if mask is not None else raw.detach()
+            correct += int((full.argmax(1) == y).sum())
             seen += len(idx)
             steps += 1
     seconds = time.perf_counter() - t0
@@ -323,10 +405,25 @@ def _num_outputs(model: nn.Module, data: LabelledTensors) -> int:
 
 @dataclass(frozen=True)
 class DpSettings:
-    """DP-SGD parameters (run config ``dp-*``)."""
+    """DP-SGD parameters (run config ``dp-*``).
+
+    ``grad_sample_mode`` is how Opacus gets the per-sample gradient norms; every
+    mode clips each sample's gradient to ``max_grad_norm`` and adds the same
+    noise, they differ in speed only. "ghost" (ghost clipping: norms of the
+    Linear layers' per-sample gradients from activations and backprops, then a
+    second backward on the clip-weighted loss) never materialises the 64 x 0.4 M
+    per-sample gradients of the ``cnn``'s hidden layer: 2.2-2.4x a plain step
+    at one thread and about 2.5x at two, against 4.7-5.6x and 6-8x for "hooks"
+    (simulations/bench/privacy.py, simulations/README.md).
+    """
 
     noise_multiplier: float
     max_grad_norm: float
+    grad_sample_mode: str = "ghost"  # one of DP_GRAD_SAMPLE_MODES
+
+
+# Opacus 1.6's per-sample-gradient modes that run on CPU ("ew": expanded weights)
+DP_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 
 
 @dataclass(frozen=True)
@@ -339,10 +436,14 @@ class PrivateTrainResult:
 
 
 def dp_plan(n: int, cfg: TrainConfig) -> tuple[float, int]:
-    """(sample rate, steps) DP-SGD will use on ``n`` examples: Poisson sampling
-    with expected batch ``batch_size``, ``epochs`` passes of ``n / batch`` steps."""
-    sample_rate = min(1.0, cfg.batch_size / max(n, 1))
-    steps = cfg.epochs * max(1, round(1 / sample_rate))
+    """(sample rate, steps) DP-SGD will use on ``n`` examples, exactly as Opacus
+    derives them (``DPDataLoader.from_data_loader``): the rate is one over the
+    plain loader's batch count ``ceil(n / batch)`` and each epoch draws
+    ``int(1 / rate)`` Poisson batches. The device's ledger records these, so it
+    accounts for what was run, not an approximation of it."""
+    batches = max(1, math.ceil(n / cfg.batch_size))
+    sample_rate = 1 / batches
+    steps = cfg.epochs * int(1 / sample_rate)
     return sample_rate, steps
 
 
@@ -382,15 +483,32 @@ def train_private(
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
     )
+    if dp.grad_sample_mode not in DP_GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"dp-grad-sample-mode must be one of {DP_GRAD_SAMPLE_MODES}, "
+            f"got {dp.grad_sample_mode!r}"
+        )
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-    private, opt, loader = engine.make_private(
+    made = engine.make_private(
         module=model,
         optimizer=opt,
         data_loader=loader,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
         poisson_sampling=True,
+        grad_sample_mode=dp.grad_sample_mode,
+        criterion=nn.CrossEntropyLoss(),
     )
+    # ghost clipping also returns a wrapped loss whose backward() runs its two
+    # passes; the other modes clip in the optimizer after a plain backward
+    private, opt, loader = made[0], made[1], made[-1]
+    criterion = made[2] if len(made) == 4 else F.cross_entropy
+    ran = (float(loader.sample_rate), cfg.epochs * len(loader))
+    if ran != (sample_rate, steps):  # the ledger must record what is run
+        raise RuntimeError(
+            f"Opacus samples at rate {ran[0]} for {ran[1]} steps, the plan said "
+            f"{sample_rate} for {steps}"
+        )
     mask = _logit_mask(_num_outputs(model, data), active)
     t0 = time.perf_counter()
     total_loss, correct, seen, done = 0.0, 0, 0, 0
@@ -400,11 +518,12 @@ def train_private(
         for images, labels in loader:
             if len(labels) == 0:
                 continue  # Poisson sampling can draw an empty batch
+            # cleared before the forward: "ew" refuses to run over stale grads
+            opt.zero_grad(set_to_none=True)
             logits = private(to_input(images))
             if mask is not None:
                 logits = logits + mask
-            loss = F.cross_entropy(logits, labels)
-            opt.zero_grad(set_to_none=True)
+            loss = criterion(logits, labels)
             loss.backward()
             opt.step()
             total_loss += loss.item() * len(labels)

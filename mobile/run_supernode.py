@@ -97,6 +97,9 @@ def build_command(args: argparse.Namespace) -> list[str]:
         raise LaunchError(f"--superlink must be HOST:PORT, got {args.superlink!r}")
     if args.insecure == (args.root_certificates is not None):
         raise LaunchError("give exactly one of --root-certificates CA.pem, --insecure")
+    if args.insecure and args.auth_key is not None:
+        # flower-supernode refuses this too (exit code 303), but only after starting
+        raise LaunchError("--auth-key needs TLS: give --root-certificates CA.pem")
     data_dir = Path(args.data_dir).expanduser().resolve()
     cache_dir = Path(args.cache_dir or default_cache_dir()).expanduser().resolve()
     cmd = [args.supernode_bin or supernode_binary()]

@@ -4,22 +4,19 @@ from the system package, so the suite runs the same on any machine."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from fedobj.adminproc import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_FMNIST = ROOT / "tests" / "fixtures" / "fashion-mnist"
 os.environ["FEDOBJ_FASHION_MNIST_DIR"] = str(FIXTURE_FMNIST)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port"]  # tests bind servers to 127.0.0.1 through it
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,10 @@ process, times three weighted means of the same records:
 - ``naive_numpy``: one plain pass, ``acc += arr.numpy() * w`` in float32;
 - ``fedobj``: :class:`fedobj.aggregation.StreamingMean` over zero-copy views of
   the records' bytes (:func:`fedobj.aggregation.array_view`), groups of 8 updates
-  folded in cache-sized chunks into float64 sums.
+  folded in cache-sized chunks into float64 sums;
+- ``read_once`` (1 and 2 threads): the floor — every byte read once, nothing
+  computed but a sum; whether "7x Flower's time" is below it says whether the
+  ratio target can be met on this machine at all.
 
 Each is run ``--repeat`` times; the figure is the best time (the machine's other
 work only ever adds). Results are compared with a float64 reference. One JSON line
@@ -92,6 +95,30 @@ def fedobj_streaming(replies: list[RecordDict]) -> Arrays:
     return mean.result()
 
 
+def _read(records: list[RecordDict]) -> float:
+    total = 0.0
+    for reply in records:
+        for arr in reply.array_records["arrays"].values():
+            total += float(np.add.reduce(array_view(arr), axis=None))
+    return total
+
+
+def read_once(replies: list[RecordDict], threads: int = 1) -> float:
+    """The floor: every update's bytes read once (a float32 sum, no weights, no
+    output). No weighted mean of these records can take less than this on this
+    machine; numpy's reduction releases the GIL, so ``threads`` read in parallel."""
+    t0 = time.perf_counter()
+    if threads == 1:
+        _read(replies)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        shares = [replies[i::threads] for i in range(threads)]
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(_read, shares))
+    return time.perf_counter() - t0
+
+
 def reference(replies: list[RecordDict]) -> Arrays:
     weights = np.asarray(weights_of(replies), dtype=np.float64)
     weights /= weights.sum()
@@ -163,6 +190,32 @@ def main() -> None:
             ),
             flush=True,
         )
+    floors = {t: min(read_once(replies, t) for _ in range(args.repeat)) for t in (1, 2)}
+    for t, floor in floors.items():
+        print(
+            json.dumps(
+                {
+                    "bench": "aggregate",
+                    "method": f"read_once_{t}_thread{'s' if t > 1 else ''}",
+                    "updates": args.updates,
+                    "best_s": round(floor, 4),
+                    "gb_per_s": round(args.updates * mb * 2**20 / floor / 1e9, 2),
+                }
+            ),
+            flush=True,
+        )
+    floor = min(floors.values())
+    print(
+        json.dumps(
+            {
+                "bench": "aggregate_floor",
+                "read_once_s": round(floor, 4),
+                "seven_x_flower_s": round(results["flower"] / 7, 4),
+                "seven_x_reachable": results["flower"] / 7 >= floor,
+                "fedobj_over_floor": round(results["fedobj"] / floor, 2),
+            }
+        )
+    )
     print(
         json.dumps(
             {

@@ -45,8 +45,6 @@ import json
 import os
 import resource
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,8 +58,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from fedobj.adminproc import AdminProcess, serve_admin
+
 ROOT = Path(__file__).resolve().parents[2]
-FEDOBJ = str(Path(sys.executable).with_name("fedobj"))
 FIXTURE_FMNIST = ROOT / "tests" / "fixtures" / "fashion-mnist"
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -235,79 +234,16 @@ def prepare_catalog(
 # ------------------------------------------------------------------ server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Server:
-    base_url: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {self.proc.returncode}:\n{self.tail()}"
-            )
+Server = AdminProcess
 
 
 @contextmanager
 def serve(url: str, outputs: Path, grace_s: float) -> Iterator[Server]:
     """``fedobj admin serve`` on a free port; always stopped (TERM, then KILL)."""
-    port = free_port()
-    log_path = outputs / "server.log"
-    env = {**os.environ, "FEDOBJ_OUTPUTS_DIR": str(outputs)}
-    env.pop("FEDOBJ_API_SECRET", None)  # the keys were hashed with the file secret
-    cmd = [
-        FEDOBJ,
-        "admin",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--db",
-        url,
-        "--rate-limit",
-        "0",
-        "--log-level",
-        "warning",
-    ]
-    with open(log_path, "wb") as fh:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT
-        )
-    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            server.check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not come up:\n{server.tail()}")
-            time.sleep(0.3)
-        log(f"server pid {proc.pid} on {server.base_url}")
+    with serve_admin(outputs, url, cwd=ROOT, stop_grace_s=grace_s) as server:
+        log(f"server pid {server.proc.pid} on {server.base_url}")
         yield server
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                log(f"server pid {proc.pid} ignored SIGTERM for {grace_s} s: killing")
-                proc.kill()
-                proc.wait(timeout=10)
-        log(f"server pid {proc.pid} stopped (exit {proc.returncode})")
+    log(f"server pid {server.proc.pid} stopped (exit {server.proc.returncode})")
 
 
 def proc_cpu_s(pid: int) -> float:

@@ -39,6 +39,26 @@ from fedobj.superlink import LocalSuperLink
 
 ROOT = Path(__file__).resolve().parents[2]
 OLD = 6
+# The recipe each setting runs unless ``--recipe none``. ``all`` goes to every
+# variant (joint included: the comparison is like for like); ``growth`` only to the
+# variants whose head grows: after a growth the learning-rate schedule starts over
+# and spans the rounds left ({after} = rounds - grow-after - 1), so the new rows
+# learn at the full rate and the run still ends at ``lr-min``. Joint training has
+# no growth and keeps one schedule over all its rounds.
+RECIPES: dict[str, dict[str, str]] = {
+    "shared": {"all": "", "growth": ""},
+    "disjoint": {"all": "", "growth": ""},
+}
+
+
+def recipe_config(setting: str, variant: str, args: argparse.Namespace) -> str:
+    """The run-config overrides of ``setting``'s recipe for ``variant``."""
+    if args.recipe == "none":
+        return ""
+    recipe = RECIPES[setting]
+    growth = recipe["growth"] if variant != "joint" else ""
+    after = max(args.rounds - args.grow_after - 1, 1)
+    return f"{recipe['all']} {growth.format(after=after)}".strip()
 
 
 def class_accuracies(metrics: dict[str, float]) -> tuple[float, float, float]:
@@ -48,9 +68,9 @@ def class_accuracies(metrics: dict[str, float]) -> tuple[float, float, float]:
 
 
 def run_variant(
-    variant: str, setting: str, args: argparse.Namespace, tmp: Path
+    variant: str, setting: str, seed: int, args: argparse.Namespace, tmp: Path
 ) -> list[dict[str, Any]]:
-    db = tmp / f"{setting}-{variant}.db"
+    db = tmp / f"{setting}-{variant}-{seed}.db"
     link = LocalSuperLink(
         tmp / "flwr", 39491, 39493, {"FEDOBJ_OUTPUTS_DIR": str(tmp / "outputs")}
     )
@@ -61,7 +81,7 @@ def run_variant(
         f"initial-categories={10 if variant == 'joint' else OLD} "
         f"distill-weight={1.0 if variant == 'distill' else 0.0} "
         f'class-split="{"disjoint" if setting == "disjoint" else "none"}" '
-        f"{args.run_config}"
+        f"seed={seed} {recipe_config(setting, variant, args)} {args.run_config}"
     )
     proc = subprocess.Popen(
         link.run_command(ROOT, args.nodes, run_config),
@@ -96,6 +116,7 @@ def run_variant(
         row = {
             "setting": setting,
             "variant": variant,
+            "seed": seed,
             "round": v.round,
             "classes": v.class_map.num_classes,
             "old_accuracy": round(old, 4),
@@ -122,13 +143,39 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "setting": rows[0]["setting"],
         "variant": rows[0]["variant"],
+        "seed": rows[0]["seed"],
         "grew_at_round": rows[grew]["round"] if grew else None,
         "final_all_accuracy": rows[-1]["all_accuracy"],
         "final_old_accuracy": rows[-1]["old_accuracy"],
         "final_new_accuracy": rows[-1]["new_accuracy"],
         "old_accuracy_before_growth": before,
         "max_old_drop_after_growth": round(before - min(after), 4) if after else None,
+        "mean_all_last_3": round(sum(r["all_accuracy"] for r in rows[-3:]) / 3, 4),
     }
+
+
+def aggregate(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and spread (min, max) over seeds of each variant's summary figures."""
+    out = []
+    for variant in dict.fromkeys(s["variant"] for s in summaries):
+        runs = [s for s in summaries if s["variant"] == variant]
+        agg: dict[str, Any] = {"variant": variant, "seeds": [s["seed"] for s in runs]}
+        for key in (
+            "final_all_accuracy",
+            "final_old_accuracy",
+            "final_new_accuracy",
+            "max_old_drop_after_growth",
+            "mean_all_last_3",
+        ):
+            values = [float(s[key]) for s in runs if s[key] is not None]
+            if values:
+                agg[key] = {
+                    "mean": round(sum(values) / len(values), 4),
+                    "min": min(values),
+                    "max": max(values),
+                }
+        out.append(agg)
+    return out
 
 
 def plot(rows: list[dict[str, Any]], path: Path, grow_after: int) -> None:
@@ -142,8 +189,20 @@ def plot(rows: list[dict[str, Any]], path: Path, grow_after: int) -> None:
         axes, ("old_accuracy", "new_accuracy", "all_accuracy"), strict=True
     ):
         for variant in sorted({str(r["variant"]) for r in rows}):
-            pts = [(r["round"], r[key]) for r in rows if r["variant"] == variant]
-            ax.plot(*zip(*pts, strict=True), marker="o", label=variant)
+            by_round: dict[int, list[float]] = {}
+            for r in rows:
+                if r["variant"] == variant:
+                    by_round.setdefault(int(r["round"]), []).append(float(r[key]))
+            rounds = sorted(by_round)
+            mean = [sum(by_round[k]) / len(by_round[k]) for k in rounds]
+            (line,) = ax.plot(rounds, mean, marker="o", label=variant)
+            ax.fill_between(  # spread over seeds
+                rounds,
+                [min(by_round[k]) for k in rounds],
+                [max(by_round[k]) for k in rounds],
+                color=line.get_color(),
+                alpha=0.2,
+            )
         ax.axvline(grow_after + 0.5, color="grey", linestyle=":")
         ax.set(title=key.replace("_", " "), xlabel="round")
         ax.grid(alpha=0.3)
@@ -165,8 +224,16 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--grow-after", type=int, default=4)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42], help="run seeds")
+    ap.add_argument(
+        "--recipe",
+        choices=("default", "none"),
+        default="default",
+        help="default: the setting's recommended run config (RECIPES); none: bare",
+    )
     ap.add_argument("--run-config", default="", help="extra run-config overrides")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "class_incremental")
+    ap.add_argument("--name", default="", help="output file stem (default: setting)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -174,15 +241,18 @@ def main() -> None:
     summaries = []
     with tempfile.TemporaryDirectory(prefix="fedobj-cil-") as tmp:
         for variant in args.variants:
-            variant_rows = run_variant(variant, args.setting, args, Path(tmp))
-            rows += variant_rows
-            summaries.append(summarise(variant_rows))
-            print(json.dumps({"summary": summaries[-1]}), flush=True)
-    pq.write_table(pa.Table.from_pylist(rows), args.out / f"{args.setting}.parquet")
-    plot(rows, args.out / f"{args.setting}.png", args.grow_after)
-    (args.out / f"{args.setting}-summary.json").write_text(
-        json.dumps(summaries, indent=2)
-    )
+            for seed in args.seeds:
+                variant_rows = run_variant(variant, args.setting, seed, args, Path(tmp))
+                rows += variant_rows
+                summaries.append(summarise(variant_rows))
+                print(json.dumps({"summary": summaries[-1]}), flush=True)
+    stem = args.name or args.setting
+    pq.write_table(pa.Table.from_pylist(rows), args.out / f"{stem}.parquet")
+    plot(rows, args.out / f"{stem}.png", args.grow_after)
+    report = {"runs": summaries, "over_seeds": aggregate(summaries)}
+    (args.out / f"{stem}-summary.json").write_text(json.dumps(report, indent=2))
+    for agg in report["over_seeds"]:
+        print(json.dumps({"over_seeds": agg}), flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ never reach aggregation, every round leaves a version, a rollback is honoured.
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -133,6 +135,7 @@ def setup(tmp_path: Path):
 
 
 def make(inner, catalog, store, args, **kw) -> CatalogStrategy:  # noqa: ANN001
+    kw.setdefault("overlap", True)  # the harder path; tests that need order say so
     return CatalogStrategy(
         inner,
         catalog=catalog,
@@ -317,16 +320,37 @@ def test_no_active_category_refuses_to_start(setup) -> None:
         strategy.start(ScriptedGrid(plus(1.0)), initial, num_rounds=1)
 
 
-def test_rollback_during_a_round_wins_over_that_rounds_version(setup) -> None:
+def wait_for_version(catalog: SyncCatalog, server_round: int) -> None:
+    """What an admin does before rolling back from version N: see it exist."""
+    deadline = time.monotonic() + 30
+    while not any(v.round == server_round for v in catalog.list_versions()):
+        assert time.monotonic() < deadline, f"no version for round {server_round}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_rollback_during_a_round_wins_over_that_rounds_version(
+    setup,  # noqa: ANN001
+    overlap: bool,
+) -> None:
     """The admin rolls back to v1 while round 3 runs (v2 current): round 3's version
-    is kept but not made current, and round 4 continues from v1."""
+    is kept but not made current, and round 4 continues from v1. With overlapping
+    rounds, round 2's version may still be on its way while round 3 trains: the
+    admin rolls back from it once it is there."""
     catalog, store, args, initial = setup
     grid = ScriptedGrid(plus(1.0))
-    grid.after_round[3] = lambda: catalog.set_current(
-        next(v for v in catalog.list_versions() if v.round == 1).id
-    )
+
+    def roll_back() -> None:
+        wait_for_version(catalog, 2)
+        catalog.set_current(next(v for v in catalog.list_versions() if v.round == 1).id)
+
+    grid.after_round[3] = roll_back
     strategy = make(
-        FedAvg(min_available_nodes=3, min_train_nodes=3), catalog, store, args
+        FedAvg(min_available_nodes=3, min_train_nodes=3),
+        catalog,
+        store,
+        args,
+        overlap=overlap,
     )
     strategy.start(grid, initial, num_rounds=4)
     v = {x.round: x for x in catalog.list_versions()}
@@ -386,3 +410,55 @@ def test_lr_schedule_restarts_when_the_head_grows_and_on_resume(setup) -> None:
         parent_version=v3.id,
     )
     assert lr(4) == 1.0  # a resumed run's schedule starts at its first round
+
+
+def test_a_round_finishes_while_the_next_one_trains(setup) -> None:  # noqa: ANN001
+    """Round 1's centralised evaluation waits until round 2's training messages
+    are out: it can only complete if the loop did not wait for it (overlap)."""
+    catalog, store, args, initial = setup
+    round_2_sent = threading.Event()
+    send = plus(1.0)
+
+    def train(rnd: int, node: int, msg: Message) -> Message:
+        if rnd == 2:
+            round_2_sent.set()
+        return send(rnd, node, msg)
+
+    def central(rnd: int, arrays: ArrayRecord, cmap: object) -> dict[str, float]:
+        if rnd == 1:
+            assert round_2_sent.wait(30), "round 2 did not train during round 1's end"
+        return {"accuracy": 0.1 * rnd}
+
+    strategy = make(
+        FedAvg(min_available_nodes=3, min_train_nodes=3),
+        catalog,
+        store,
+        args,
+        evaluate_fn=central,
+    )
+    result = strategy.start(ScriptedGrid(train), initial, num_rounds=2)
+    versions = sorted(catalog.list_versions(), key=lambda v: v.round)
+    assert [v.round for v in versions] == [1, 2]
+    assert versions[1].parent_id == versions[0].id and versions[1].is_current
+    assert versions[0].metrics["accuracy"] == pytest.approx(0.1)
+    assert sorted(result.evaluate_metrics_serverapp) == [1, 2]
+    assert [r.status for r in catalog.rounds("run-1")] == ["completed", "completed"]
+
+
+def test_a_failing_round_never_loses_the_previous_rounds_version(setup) -> None:  # noqa: ANN001
+    catalog, store, args, initial = setup
+    send = plus(1.0)
+
+    def train(rnd: int, node: int, msg: Message) -> Message:
+        if rnd == 2:
+            raise ConnectionError("SuperLink gone")
+        return send(rnd, node, msg)
+
+    strategy = make(
+        FedAvg(min_available_nodes=3, min_train_nodes=3), catalog, store, args
+    )
+    with pytest.raises(ConnectionError, match="SuperLink gone"):
+        strategy.start(ScriptedGrid(train), initial, num_rounds=3)
+    versions = catalog.list_versions()
+    assert [v.round for v in versions] == [1] and versions[0].is_current
+    assert catalog.rounds("run-1")[0].status == "completed"

@@ -112,9 +112,11 @@ def test_bad_replies_are_rejected_with_reasons_and_never_folded() -> None:
     assert "boom" in str(reasons[14])
     arrays, _ = folder.aggregate()
     assert arrays is not None
-    np.testing.assert_array_equal(
+    # the only valid reply is the mean, up to the float32 rounding of w * x
+    np.testing.assert_allclose(
         arrays["head.bias"].numpy(),
         good.content.array_records[keys.ARRAYS]["head.bias"].numpy(),
+        rtol=2e-7,
     )
 
 

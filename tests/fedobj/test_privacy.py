@@ -79,7 +79,8 @@ def test_dp_sgd_trains_and_its_plan_is_what_the_ledger_records(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(lr=0.05, batch_size=32)
     run = train_private(model, data, cfg, DpSettings(1.0, 1.0), active=list(range(10)))
-    assert (run.sample_rate, run.steps) == dp_plan(600, cfg) == (32 / 600, 19)
+    # what Opacus runs: ceil(600 / 32) = 19 Poisson batches at rate 1/19
+    assert (run.sample_rate, run.steps) == dp_plan(600, cfg) == (1 / 19, 19)
     assert run.result.num_examples > 0 and np.isfinite(run.result.loss)
     after = model.state_dict()
     assert list(after) == list(before)  # Opacus trained the same module in place
@@ -100,3 +101,20 @@ def test_batchnorm_models_and_fedprox_are_refused_with_dp() -> None:
         check_dp_compatible(build_model(ModelArgs(norm="batch")))
     with pytest.raises(ConfigError, match="fedprox"):
         RunConfig(dp=True, strategy="fedprox")
+
+
+@pytest.mark.parametrize("batch", [1, 7, 32, 64, 100])
+def test_the_dp_plan_is_what_opacus_samples_for_every_size(batch: int) -> None:
+    """The ledger records dp_plan's rate and steps: they must be Opacus' own for
+    any number of examples, never an approximation that could under-count."""
+    import torch
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fedobj.train import TrainConfig, dp_plan
+
+    for n in [1, 2, 31, 32, 33, 63, 64, 65, 599, 600, 601, 2000, 5999, 6000]:
+        data = TensorDataset(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long))
+        dp = DPDataLoader.from_data_loader(DataLoader(data, batch_size=batch))
+        cfg = TrainConfig(epochs=2, batch_size=batch)
+        assert dp_plan(n, cfg) == (dp.sample_rate, 2 * len(dp)), (n, batch)

@@ -165,6 +165,13 @@ def test_launcher_builds_the_supernode_command(tmp_path: Path) -> None:
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
     args.insecure, args.root_certificates = False, str(ca)
     assert launcher.build_command(args)[1:3] == ["--root-certificates", str(ca)]
+    key = tmp_path / "supernode-1.key"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    args.auth_key = str(key)
+    assert launcher.build_command(args)[3:5] == [
+        "--auth-supernode-private-key",
+        str(key.resolve()),
+    ]
     report = launcher.check_folder(data)
     assert report.total == 6 and len(report.counts) == 3
 
@@ -193,6 +200,10 @@ def test_launcher_refuses_bad_folders_and_flags(tmp_path: Path) -> None:
     data = write_image_folder(tmp_path / "ok", per_class=1, classes=2)
     done = _launch("--superlink", "127.0.0.1:9092", "--data-dir", str(data))
     assert done.returncode == 2 and "exactly one of" in done.stderr
+    key = tmp_path / "supernode-1.key"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    done = _launch(*common, "--data-dir", str(data), "--auth-key", str(key))
+    assert done.returncode == 2 and "--auth-key needs TLS" in done.stderr
     done = _launch(*common, "--data-dir", str(data), "--superlink", "no-port")
     assert done.returncode == 2 and "HOST:PORT" in done.stderr
     quoted = tmp_path / "it's"
