@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from flwr.app import (
+    Array,
+    ArrayRecord,
     ConfigRecord,
     Context,
     Error,
@@ -27,12 +29,13 @@ from apps.central_dp import central_dp_mod
 from apps.records import get_model_context, load_arrays, model_to_arrays
 from apps.secagg_client import secaggplus_route_mod
 from fedobj import keys
+from fedobj.calibration import feature_stats
 from fedobj.classmap import ClassMap
 from fedobj.config import RunConfig
 from fedobj.data.fashion_mnist import ImageArrays
 from fedobj.data.node_data import default_cache_dir, load_node_data
 from fedobj.errors import FedObjError
-from fedobj.model.factory import ModelArgs, build_model
+from fedobj.model.factory import ModelArgs, build_model, head_keys
 from fedobj.privacy import ACCOUNTANT, PrivacyLedger, PrivacyLedgerError
 from fedobj.train import (
     DpSettings,
@@ -41,6 +44,7 @@ from fedobj.train import (
     dp_plan,
     evaluate,
     map_to_class_map,
+    to_input,
     train,
     train_private,
 )
@@ -141,6 +145,16 @@ def train_fn(msg: Message, context: Context) -> Message:
             }
         )
         return Message(content=content, reply_to=msg)
+    stats = None
+    if config.get(keys.FEATURE_STATS):  # with the model as received (CCVR)
+        data = train_data.tensors
+        stats = feature_stats(
+            model,
+            to_input(data.images),
+            data.labels,
+            head_keys(_args)[0],
+            class_map.num_classes,
+        )
     result = train(model, train_data.tensors, tcfg, class_map.active_indices, teacher)
     local = evaluate(model, eval_data.tensors, class_map.active_indices)
     metrics = MetricRecord(
@@ -162,6 +176,10 @@ def train_fn(msg: Message, context: Context) -> Message:
             keys.IGNORED_LABELS: ConfigRecord(dict(train_data.ignored)),
         }
     )
+    if stats is not None:
+        content[keys.FEATURE_STATS_ARRAYS] = ArrayRecord(
+            {k: Array(v) for k, v in stats.items()}
+        )
     return Message(content=content, reply_to=msg)
 
 

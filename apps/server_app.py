@@ -22,6 +22,7 @@ from apps.run_lease import held_lease
 from apps.secagg import catalog_strategy_class
 from apps.strategy import RoundReport, make_inner_strategy
 from fedobj import keys
+from fedobj.calibration import CalibrationSettings
 from fedobj.catalog import SyncCatalog
 from fedobj.classmap import ClassMap
 from fedobj.config import RunConfig
@@ -191,7 +192,11 @@ def _run_with_catalog(
         )
         initial = model_to_arrays(build_model(args, cfg.pretrained_path or None))
     if cfg.dp:  # before round 1: a BatchNorm model cannot be trained privately
-        check_dp_compatible(build_model(args))
+        check_dp_compatible(
+            build_model(args),
+            cfg.dp_grad_sample_mode,
+            (cfg.in_channels, cfg.image_size, cfg.image_size),
+        )
     central = CentralEvaluator(cfg, args) if cfg.central_eval else None
 
     outputs = RunOutputs.create(outputs_root, run_id)
@@ -256,6 +261,13 @@ def _run_with_catalog(
         lr_restart_on_growth=cfg.lr_restart_on_growth,
         central_dp=cfg.central_dp,
         overlap=cfg.overlap_rounds,
+        calibration=(
+            CalibrationSettings(
+                cfg.calibration_samples, cfg.calibration_steps, cfg.calibration_lr
+            )
+            if cfg.head_calibration != "none"
+            else None
+        ),
     )
     if current is not None:
         strategy.restore_server_state(current)

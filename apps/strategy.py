@@ -34,6 +34,7 @@ from apps.exchange import ReplyFolder, exchange, missing, outcome_of
 from apps.perffedavg import PerfFedAvg
 from apps.records import put_model_context
 from fedobj import keys
+from fedobj.calibration import CalibrationSettings, StatsSum, calibrate_head
 from fedobj.catalog import SyncCatalog
 from fedobj.catalog.records import VersionRecord
 from fedobj.classmap import ClassMap
@@ -210,6 +211,7 @@ class CatalogStrategy(Strategy):
         lr_restart_on_growth: bool = False,
         central_dp: str = "none",
         overlap: bool = False,
+        calibration: CalibrationSettings | None = None,
     ) -> None:
         if promote not in ("latest", "best"):
             raise ValueError(f"promote must be 'latest' or 'best', got {promote!r}")
@@ -253,6 +255,7 @@ class CatalogStrategy(Strategy):
         self.lr_phase_start = 1
         self.distill_classes = 0
         self.distill_until = 0
+        self.calibration = calibration
 
     # ------------------------------------------------------------ Flower's hooks
 
@@ -286,6 +289,8 @@ class CatalogStrategy(Strategy):
         )
         if self.central_dp != "none":
             config[keys.CENTRAL_DP] = self.central_dp
+        if self.calibration is not None:
+            config[keys.FEATURE_STATS] = True
         return self.inner.configure_train(
             server_round, arrays, self._context(config), grid
         )
@@ -522,10 +527,16 @@ class CatalogStrategy(Strategy):
             ) from None
         report.sampled = len(messages)
         self.catalog.start_round(self.run_id, server_round, len(messages))
+        weight_key = head_keys(self.model_args)[0]
         folder = ReplyFolder(
             arrays,
             stream=self.streams,
             perf_alpha=getattr(self.base, "perf_alpha", None),
+            stats=(
+                StatsSum(*arrays[weight_key].shape)
+                if self.calibration is not None
+                else None
+            ),
         )
         exchange(
             grid,
@@ -565,6 +576,8 @@ class CatalogStrategy(Strategy):
             )
             if aggregated is not None:
                 arrays = self._align(aggregated)
+                if folder.stats is not None:
+                    arrays = self._calibrate(server_round, arrays, folder.stats)
         else:
             log.warning(
                 "round %d: %d valid replies (< %d): the model is unchanged",
@@ -690,6 +703,46 @@ class CatalogStrategy(Strategy):
         if self.head_align == "norm-bias":
             numpy[bias_key], shift = align_new_biases(numpy[bias_key], old, new)
         log.info("head aligned: new rows scaled by %.3f, biases %+.3f", gamma, shift)
+        return _record(numpy)
+
+    def _calibrate(
+        self, server_round: int, arrays: ArrayRecord, stats: StatsSum
+    ) -> ArrayRecord:
+        """CCVR: retrain the head on virtual features of every active class
+        (fedobj.calibration); the feature extractor is left as aggregated."""
+        assert self.calibration is not None
+        c = self.calibration
+        weight_key, bias_key = head_keys(self.model_args)
+        numpy = _numpy(arrays)
+        done = calibrate_head(
+            numpy[weight_key],
+            numpy[bias_key],
+            stats,
+            self.class_map.active_indices,
+            samples_per_class=c.samples,
+            steps=c.steps,
+            lr=c.lr,
+            seed=self.seed * 1009 + server_round,
+        )
+        if done is None:
+            log.info(
+                "round %d: head not calibrated (feature statistics of fewer than "
+                "2 classes from %d nodes)",
+                server_round,
+                stats.nodes,
+            )
+            return arrays
+        numpy[weight_key], numpy[bias_key], info = done
+        log.info(
+            "round %d: head calibrated on %d virtual features of %d classes "
+            "(statistics from %d nodes): loss %.3f -> %.3f",
+            server_round,
+            info.samples,
+            info.classes,
+            stats.nodes,
+            info.loss_before,
+            info.loss_after,
+        )
         return _record(numpy)
 
     def _server_state(self) -> bytes | None:

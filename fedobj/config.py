@@ -19,6 +19,8 @@ from fedobj.model.factory import MODEL_NAMES, NORMS
 from fedobj.model.growth import HEAD_ALIGNS, HEAD_INITS
 from fedobj.train import DP_GRAD_SAMPLE_MODES, LOCAL_LOSSES, lr_for_round
 
+# "virtual-features": CCVR on the server each round (fedobj.calibration)
+HEAD_CALIBRATIONS = ("none", "virtual-features")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "perffedavg")
 LR_SCHEDULES = ("constant", "exponential", "cosine")
 SECAGG_MODULUS = 2**32
@@ -75,6 +77,10 @@ class RunConfig:
     initial_categories: int = 10
     head_init: str = "mean"
     head_align: str = "none"
+    head_calibration: str = "none"
+    calibration_samples: int = 200
+    calibration_steps: int = 100
+    calibration_lr: float = 0.1
     distill_weight: float = 1.0
     distill_rounds: int = 5
     distill_temperature: float = 2.0
@@ -89,7 +95,7 @@ class RunConfig:
     dp_delta: float = 1e-5
     dp_max_grad_norm: float = 1.0
     dp_noise_multiplier: float = 1.0
-    dp_grad_sample_mode: str = "ghost"
+    dp_grad_sample_mode: str = "auto"
     central_dp: str = "none"
     central_dp_noise_multiplier: float = 1.0
     central_dp_clipping_norm: float = 1.0
@@ -195,12 +201,31 @@ class RunConfig:
         )
         self._check_central_dp(need)
         self._check_secagg(need)
+        self._check_calibration(need)
         for key in ("dataset-dir", "outputs-dir", "pretrained-path"):
             value = getattr(self, key.replace("-", "_"))
             need(
                 not value or Path(value).is_absolute(),
                 key,
                 "must be an absolute path (nodes and the ServerApp run elsewhere)",
+            )
+
+    def _check_calibration(self, need: Callable[[bool, str, str], None]) -> None:
+        need(
+            self.head_calibration in HEAD_CALIBRATIONS,
+            "head-calibration",
+            f"must be one of {HEAD_CALIBRATIONS}",
+        )
+        need(self.calibration_samples >= 1, "calibration-samples", "must be >= 1")
+        need(self.calibration_steps >= 1, "calibration-steps", "must be >= 1")
+        need(self.calibration_lr > 0, "calibration-lr", "must be > 0")
+        if self.head_calibration != "none":
+            # nodes would send per-class feature statistics in the clear
+            need(
+                not self.dp and self.central_dp == "none" and not self.secagg,
+                "head-calibration",
+                "cannot be used with dp, central-dp or secagg (nodes send "
+                "per-class feature statistics in the clear)",
             )
 
     def _check_central_dp(self, need: Callable[[bool, str, str], None]) -> None:

@@ -18,6 +18,7 @@ PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 DISTILL_CLASSES = "distill-classes"  # > 0 after growth: distil the first k classes
 SECAGG_ARRAY_NAMES = "secagg-array-names"  # json list: names of the legacy arrays
 CENTRAL_DP = "central-dp"  # the central-DP mode; its replies weigh 1 each
+FEATURE_STATS = "feature-stats"  # true: send per-class feature statistics (CCVR)
 
 # MetricRecord keys (node -> server).
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
@@ -41,6 +42,9 @@ DP = "dp"  # ConfigRecord: accountant, device id, what is withheld
 # ConfigRecords in a train reply (node -> server): label slug -> image count.
 LABEL_HISTOGRAM = "label-histogram"  # images used, per category slug
 IGNORED_LABELS = "ignored-labels"  # images skipped: slug not (or not active) in map
+# ArrayRecord in a train reply when asked (FEATURE_STATS): fedobj.calibration's
+# per-class count / sum / outer products of the head's input features
+FEATURE_STATS_ARRAYS = "feature-stats"
 
 # Node config keys (set per SuperNode with --node-config, or by the simulation).
 NODE_DATA_DIR = "data-dir"

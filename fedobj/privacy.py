@@ -132,11 +132,18 @@ def _epsilon(history: list[Spend], delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
-def check_dp_compatible(model: Any) -> None:
+def check_dp_compatible(
+    model: Any,
+    grad_sample_mode: str = "ghost",
+    example_shape: tuple[int, ...] = (1, 28, 28),
+) -> None:
     """Refuse, before round 1, a model Opacus cannot train with DP-SGD.
 
     BatchNorm mixes samples within a batch, so per-sample gradients (and the
     guarantee) do not exist for it; Opacus' validator names every such layer.
+    Book-keeping clipping (``"bk"``) also needs a per-sample gradient function
+    for every trainable layer (those without one are named) and no layer output
+    changed in place: one step on zeros of ``example_shape`` (one input) shows it.
     """
     from opacus.validators import ModuleValidator
 
@@ -147,3 +154,14 @@ def check_dp_compatible(model: Any) -> None:
             f"run config `dp`=true needs a DP-compatible model: {names} "
             '(use norm="group")'
         )
+    if grad_sample_mode == "bk":
+        import torch
+
+        from fedobj.bookkeeping import check_clippable
+
+        try:
+            check_clippable(model, torch.zeros(2, *example_shape))
+        except ValueError as exc:
+            raise ConfigError(
+                f'dp-grad-sample-mode="bk" cannot clip this model: {exc}; use "ghost"'
+            ) from exc

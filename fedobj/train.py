@@ -12,9 +12,10 @@ import math
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +24,13 @@ from torch import nn
 
 from fedobj.classmap import ClassMap
 from fedobj.data.fashion_mnist import ImageArrays
+
+if TYPE_CHECKING:  # Opacus and DataLoader load only where DP runs
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from torch.utils.data import DataLoader
+
+    from fedobj.bookkeeping import BookKeepingClipper
 
 # Normalisation to roughly [-1, 1]; stored nowhere because every fedobj model uses it.
 PIXEL_MEAN = 0.5
@@ -407,23 +415,40 @@ def _num_outputs(model: nn.Module, data: LabelledTensors) -> int:
 class DpSettings:
     """DP-SGD parameters (run config ``dp-*``).
 
-    ``grad_sample_mode`` is how Opacus gets the per-sample gradient norms; every
+    ``grad_sample_mode`` is how the per-sample gradient norms are obtained; every
     mode clips each sample's gradient to ``max_grad_norm`` and adds the same
-    noise, they differ in speed only. "ghost" (ghost clipping: norms of the
-    Linear layers' per-sample gradients from activations and backprops, then a
-    second backward on the clip-weighted loss) never materialises the 64 x 0.4 M
-    per-sample gradients of the ``cnn``'s hidden layer: 2.2-2.4x a plain step
-    at one thread and about 2.5x at two, against 4.7-5.6x and 6-8x for "hooks"
-    (simulations/bench/privacy.py, simulations/README.md).
+    noise (Opacus' optimizer and Poisson loader), they differ in speed only.
+    "bk" (book-keeping, :mod:`fedobj.bookkeeping`: one backward pass, the
+    clipped sum formed from the activations and backprops it kept) takes 1.4x a
+    plain step of the ``cnn`` at one thread and 1.7x at two; Opacus' "ghost"
+    (a second backward on the clip-weighted loss) 2.3x and 2.5x; "hooks"
+    4.7-5.6x and 6-8x (simulations/bench/privacy.py, simulations/README.md).
+    "auto" is "bk" where it can clip the model, else "ghost" (a residual
+    ``out += x``, as in torchvision's MobileNetV3, rules "bk" out).
     """
 
     noise_multiplier: float
     max_grad_norm: float
-    grad_sample_mode: str = "ghost"  # one of DP_GRAD_SAMPLE_MODES
+    grad_sample_mode: str = "auto"  # one of DP_GRAD_SAMPLE_MODES
 
 
-# Opacus 1.6's per-sample-gradient modes that run on CPU ("ew": expanded weights)
-DP_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+# "auto", "bk" (book-keeping clipping, fedobj.bookkeeping), and Opacus 1.6's
+# per-sample-gradient modes that run on CPU ("ew": expanded weights)
+DP_GRAD_SAMPLE_MODES = ("auto", "bk", "ghost", "hooks", "functorch", "ew")
+
+
+def resolve_grad_sample_mode(mode: str, model: nn.Module, example: torch.Tensor) -> str:
+    """``mode``, or for "auto" the fastest that clips ``model`` exactly: "bk"
+    unless a step on ``example`` (model input) shows it cannot, then "ghost"."""
+    if mode != "auto":
+        return mode
+    from fedobj.bookkeeping import check_clippable
+
+    try:
+        check_clippable(model, example)
+    except ValueError:
+        return "ghost"
+    return "bk"
 
 
 @dataclass(frozen=True)
@@ -447,6 +472,35 @@ def dp_plan(n: int, cfg: TrainConfig) -> tuple[float, int]:
     return sample_rate, steps
 
 
+def bookkeeping_private(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loader: DataLoader[Any],
+    dp: DpSettings,
+) -> tuple[
+    nn.Module, DPOptimizerFastGradientClipping, DPDataLoader, BookKeepingClipper
+]:
+    """What ``PrivacyEngine.make_private`` sets up for ghost clipping — Poisson
+    loader, ``DPOptimizerFastGradientClipping`` (noise on the clipped sum, mean
+    over the expected batch) — with book-keeping clipping instead of Opacus'
+    two-pass hooks. The model itself is not wrapped."""
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from fedobj.bookkeeping import BookKeepingClipper
+
+    poisson = DPDataLoader.from_data_loader(loader)
+    expected_batch = int(len(poisson.dataset) * poisson.sample_rate)  # type: ignore[arg-type]
+    dp_opt = DPOptimizerFastGradientClipping(
+        opt,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=expected_batch,
+        loss_reduction="mean",
+    )
+    return model, dp_opt, poisson, BookKeepingClipper(model, dp.max_grad_norm)
+
+
 def train_private(
     model: nn.Module,
     data: LabelledTensors,
@@ -467,6 +521,14 @@ def train_private(
     if len(data) == 0:
         raise ValueError("no training samples after mapping through the class map")
     sample_rate, steps = dp_plan(len(data), cfg)
+    if dp.grad_sample_mode not in DP_GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"dp-grad-sample-mode must be one of {DP_GRAD_SAMPLE_MODES}, "
+            f"got {dp.grad_sample_mode!r}"
+        )
+    mode = resolve_grad_sample_mode(
+        dp.grad_sample_mode, model, to_input(data.images[:2])
+    )
     for module in model.modules():  # Opacus' hooks cannot follow in-place ops
         if getattr(module, "inplace", False):
             setattr(module, "inplace", False)  # noqa: B010
@@ -483,27 +545,29 @@ def train_private(
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
     )
-    if dp.grad_sample_mode not in DP_GRAD_SAMPLE_MODES:
-        raise ValueError(
-            f"dp-grad-sample-mode must be one of {DP_GRAD_SAMPLE_MODES}, "
-            f"got {dp.grad_sample_mode!r}"
+    clipper: BookKeepingClipper | None = None
+    if mode == "bk":
+        private, dp_opt, dp_loader, clipper = bookkeeping_private(
+            model, opt, loader, dp
         )
-    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-    made = engine.make_private(
-        module=model,
-        optimizer=opt,
-        data_loader=loader,
-        noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        poisson_sampling=True,
-        grad_sample_mode=dp.grad_sample_mode,
-        criterion=nn.CrossEntropyLoss(),
-    )
-    # ghost clipping also returns a wrapped loss whose backward() runs its two
-    # passes; the other modes clip in the optimizer after a plain backward
-    private, opt, loader = made[0], made[1], made[-1]
-    criterion = made[2] if len(made) == 4 else F.cross_entropy
-    ran = (float(loader.sample_rate), cfg.epochs * len(loader))
+        criterion: Callable[..., torch.Tensor] = F.cross_entropy
+    else:
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+        made = engine.make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=mode,
+            criterion=nn.CrossEntropyLoss(),
+        )
+        # ghost clipping also returns a wrapped loss whose backward() runs its two
+        # passes; the other modes clip in the optimizer after a plain backward
+        private, dp_opt, dp_loader = made[0], made[1], made[-1]
+        criterion = made[2] if len(made) == 4 else F.cross_entropy
+    ran = (float(dp_loader.sample_rate), cfg.epochs * len(dp_loader))
     if ran != (sample_rate, steps):  # the ledger must record what is run
         raise RuntimeError(
             f"Opacus samples at rate {ran[0]} for {ran[1]} steps, the plan said "
@@ -515,22 +579,29 @@ def train_private(
     # Opacus' hooks warn on every first backward that the input needs no grad
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     for _ in range(cfg.epochs):
-        for images, labels in loader:
+        for images, labels in dp_loader:
             if len(labels) == 0:
                 continue  # Poisson sampling can draw an empty batch
             # cleared before the forward: "ew" refuses to run over stale grads
-            opt.zero_grad(set_to_none=True)
+            dp_opt.zero_grad(set_to_none=True)
             logits = private(to_input(images))
             if mask is not None:
                 logits = logits + mask
-            loss = criterion(logits, labels)
-            loss.backward()
-            opt.step()
+            if clipper is not None:
+                per_sample = F.cross_entropy(logits, labels, reduction="none")
+                clipper.backward(per_sample)
+                loss = per_sample.detach().mean()
+            else:
+                loss = criterion(logits, labels)
+                loss.backward()
+            dp_opt.step()
             total_loss += loss.item() * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
             done += 1
     seconds = time.perf_counter() - t0
+    if clipper is not None:
+        clipper.remove()
     result = TrainResult(
         total_loss / seen if seen else float("nan"),
         correct / seen if seen else 0.0,

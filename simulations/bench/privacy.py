@@ -4,10 +4,12 @@
 DP-compatible model (``cnn``, GroupNorm), at each of ``--threads`` torch thread
 counts. The plain step is what :func:`fedobj.train.train` runs per batch
 (channels-last model and input, cross-entropy, backward, SGD with momentum and
-weight decay); the DP step is what :func:`fedobj.train.train_private` runs (an
-Opacus ``make_private`` model and optimizer: per-sample clipping to 1.0 and
-Gaussian noise) in each per-sample-gradient mode of ``--modes``; a mode name
-ending in ``+nhwc`` is the same mode on a channels-last model and input. Each
+weight decay); the DP step is what :func:`fedobj.train.train_private` runs
+(per-sample clipping to 1.0 and Gaussian noise by Opacus' DP optimizer) in each
+per-sample-gradient mode of ``--modes``: ``bk`` (book-keeping,
+:mod:`fedobj.bookkeeping`, one backward pass) or an Opacus ``make_private``
+mode (``ghost``, ``hooks``, ``functorch``, ``ew``); a mode name ending in
+``+nhwc`` is the same mode on a channels-last model and input. Each
 figure is ``--steps`` steps, timed after ``--warmup`` steps, and plain and DP
 are interleaved (plain, mode 1, plain, mode 2, ... repeated ``--repeats``
 times) so both see the same share of the machine; the two cores here are shared,
@@ -29,7 +31,7 @@ ledger (:class:`fedobj.privacy.PrivacyLedger`). "No DP" trains with
 One JSON line per figure on stdout, progress on stderr::
 
     .venv/bin/python simulations/bench/privacy.py [--part all|timing|accuracy]
-        [--threads 1,2] [--modes hooks,functorch,ew,ghost,ghost+nhwc]
+        [--threads 1,2] [--modes bk,ghost,hooks,functorch,ew,ghost+nhwc,bk+nhwc]
         [--repeats 15] [--nodes 5] [--per-node 2000] [--rounds 5]
         [--epsilons 1,4,8] [--quick]
 
@@ -68,10 +70,12 @@ from fedobj.train import (
     DpSettings,
     LabelledTensors,
     TrainConfig,
+    bookkeeping_private,
     dp_plan,
     evaluate,
     lr_for_round,
     map_to_class_map,
+    resolve_grad_sample_mode,
     to_input,
     train,
     train_private,
@@ -122,13 +126,15 @@ def dp_step(
 
     The batch is fixed (not Poisson-drawn) so every mode times the same work.
     """
-    mode = name.removesuffix(NHWC)
     nhwc = name.endswith(NHWC)
     torch.manual_seed(cfg.seed)
     model = build_model(MODEL)
     for module in model.modules():  # as train_private: no in-place ReLU
         if getattr(module, "inplace", False):
             setattr(module, "inplace", False)  # noqa: B010
+    mode = resolve_grad_sample_mode(
+        name.removesuffix(NHWC), model, to_input(images[:2])
+    )
     if nhwc:
         model.to(memory_format=torch.channels_last)
     model.train()
@@ -138,12 +144,28 @@ def dp_step(
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
     )
+    loader = DataLoader(TensorDataset(images, labels), batch_size=cfg.batch_size)
+
+    def to_x() -> torch.Tensor:
+        x = to_input(images)
+        return x.contiguous(memory_format=torch.channels_last) if nhwc else x
+
+    if mode == "bk":  # book-keeping: one backward pass (fedobj.bookkeeping)
+        _, bk_opt, _, clipper = bookkeeping_private(
+            model, opt, loader, DpSettings(1.0, 1.0, mode)
+        )
+
+        def bk_step() -> None:
+            bk_opt.zero_grad(set_to_none=True)
+            clipper.backward(F.cross_entropy(model(to_x()), labels, reduction="none"))
+            bk_opt.step()
+
+        return bk_step
+
     made = PrivacyEngine(accountant="rdp", secure_mode=False).make_private(
         module=model,
         optimizer=opt,
-        data_loader=DataLoader(
-            TensorDataset(images, labels), batch_size=cfg.batch_size
-        ),
+        data_loader=loader,
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         poisson_sampling=True,
@@ -155,10 +177,7 @@ def dp_step(
 
     def step() -> None:
         dp_opt.zero_grad(set_to_none=True)
-        x = to_input(images)
-        if nhwc:
-            x = x.contiguous(memory_format=torch.channels_last)
-        loss = criterion(private(x), labels)
+        loss = criterion(private(to_x()), labels)
         loss.backward()
         dp_opt.step()
 
@@ -364,8 +383,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", default="1,2", help="comma-separated")
     ap.add_argument(
         "--modes",
-        default=",".join([*DP_GRAD_SAMPLE_MODES, "ghost" + NHWC]),
-        help="Opacus grad_sample_mode names, optionally with +nhwc",
+        default=",".join([m for m in DP_GRAD_SAMPLE_MODES if m != "auto"]),
+        help="dp-grad-sample-mode names, optionally with +nhwc (channels-last)",
     )
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=15)

@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 from apps.records import get_model_context
 from apps.strategy import CatalogStrategy, NoActiveCategoryError
 from fedobj import keys
+from fedobj.calibration import CalibrationSettings
 from fedobj.catalog import SyncCatalog
 from fedobj.data.categories import FASHION_MNIST_NAMES
 from fedobj.model import ModelArgs, build_model
@@ -462,3 +463,57 @@ def test_a_failing_round_never_loses_the_previous_rounds_version(setup) -> None:
     versions = catalog.list_versions()
     assert [v.round for v in versions] == [1] and versions[0].is_current
     assert catalog.rounds("run-1")[0].status == "completed"
+
+
+@pytest.mark.parametrize("inner", ["fedavg", "fedadam"])  # streamed, then held
+def test_the_head_is_calibrated_on_the_nodes_feature_statistics(
+    setup, inner: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Node 11 holds classes 0-2 only, node 12 classes 3-5 only; node 13's
+    statistics are malformed (left out, its update kept). The calibrated head
+    separates all six classes' features, which no node holds together."""
+    catalog, store, args, initial = setup
+    rng = np.random.default_rng(0)
+    means = rng.normal(scale=0.5, size=(6, 128))
+    held = {11: [0, 1, 2], 12: [3, 4, 5]}
+    samples = {c: means[c] + 0.2 * rng.normal(size=(200, 128)) for c in range(6)}
+
+    def train(rnd: int, node: int, msg: Message) -> Message:
+        out = plus(0.0)(rnd, node, msg)
+        count, total, outer = np.zeros(6), np.zeros((6, 128)), np.zeros((6, 128, 128))
+        for c in held.get(node, []):
+            f = samples[c]
+            count[c], total[c], outer[c] = len(f), f.sum(0), f.T @ f
+        if node == 13:
+            count = np.zeros(5)  # wrong shape
+        out.content[keys.FEATURE_STATS_ARRAYS] = _rec(
+            {"count": count, "sum": total, "outer": outer}
+        )
+        return out
+
+    strategy = make(
+        FedAvg(min_available_nodes=3, min_train_nodes=3)
+        if inner == "fedavg"
+        else FedAdam(min_available_nodes=3, min_train_nodes=3, eta=1e-9),
+        catalog,
+        store,
+        args,
+        calibration=CalibrationSettings(samples=100, steps=100, lr=0.5),
+    )
+    grid = ScriptedGrid(train)
+    with caplog.at_level("INFO", logger="fedobj"):
+        result = strategy.start(grid, initial, num_rounds=1)
+
+    config = grid.sent[1][0].content.config_records[keys.CONFIG]
+    assert config[keys.FEATURE_STATS] is True
+    w, b = result.arrays[HEAD_W].numpy(), result.arrays[HEAD_B].numpy()
+    before = initial[HEAD_W].numpy(), initial[HEAD_B].numpy()
+    feats = np.concatenate([samples[c] for c in range(6)])
+    labels = np.repeat(np.arange(6), 200)
+    assert ((feats @ before[0].T + before[1]).argmax(1) == labels).mean() < 0.5
+    assert ((feats @ w.T + b).argmax(1) == labels).mean() > 0.95
+    assert catalog.rounds("run-1")[0].nodes_replied == 3  # node 13's update kept
+    text = caplog.text
+    assert "feature statistics of node 13 left out: feature stats 'count'" in text
+    assert "head calibrated on 600 virtual features of 6 classes" in text
+    assert "(statistics from 2 nodes)" in text

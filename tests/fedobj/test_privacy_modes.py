@@ -126,20 +126,30 @@ def test_unknown_mode_is_refused() -> None:
         train_private(_model(), _batch(), TrainConfig(), DpSettings(1.0, 1.0, "x"))
 
 
-def test_ghost_is_what_devices_use_by_default() -> None:
+def test_auto_is_what_devices_use_by_default_and_picks_bk_where_it_can() -> None:
     import tomllib
 
     from fedobj.config import RunConfig
     from fedobj.errors import ConfigError
+    from fedobj.train import resolve_grad_sample_mode
 
     app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"][
         "app"
     ]["config"]
-    assert app_config["dp-grad-sample-mode"] == "ghost"
-    assert RunConfig.from_flower(app_config).dp_grad_sample_mode == "ghost"
-    assert DpSettings(1.0, 1.0).grad_sample_mode == "ghost"
+    assert app_config["dp-grad-sample-mode"] == "auto"
+    assert RunConfig.from_flower(app_config).dp_grad_sample_mode == "auto"
+    assert DpSettings(1.0, 1.0).grad_sample_mode == "auto"
     with pytest.raises(ConfigError, match="dp-grad-sample-mode"):
         RunConfig.from_flower({"dp-grad-sample-mode": "vmap"})
+    example = to_input(_batch().images[:2])
+    assert resolve_grad_sample_mode("auto", _model(), example) == "bk"
+    assert resolve_grad_sample_mode("ghost", _model(), example) == "ghost"
+    # MobileNetV3's residual `out += x` rules book-keeping out: ghost instead
+    mobilenet = build_model(
+        ModelArgs("mobilenet_v3_small", 10, in_channels=1, image_size=32, norm="group")
+    )
+    x = torch.zeros(2, 1, 32, 32)
+    assert resolve_grad_sample_mode("auto", mobilenet, x) == "ghost"
 
 
 def test_bench_quick_run_prints_every_figure(fmnist_dir: Path) -> None:
@@ -159,7 +169,7 @@ def test_bench_quick_run_prints_every_figure(fmnist_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     steps = [r for r in lines if r["bench"] == "privacy_step"]
-    assert {r["mode"] for r in steps} >= set(DP_GRAD_SAMPLE_MODES)
+    assert {r["mode"] for r in steps} >= set(DP_GRAD_SAMPLE_MODES) - {"auto"}
     for r in steps:
         assert r["plain_ms"] > 0 and r["dp_ms"] > 0
         assert r["ratio"] == pytest.approx(r["dp_ms"] / r["plain_ms"], rel=0.01)
