@@ -145,16 +145,6 @@ def train_fn(msg: Message, context: Context) -> Message:
             }
         )
         return Message(content=content, reply_to=msg)
-    stats = None
-    if config.get(keys.FEATURE_STATS):  # with the model as received (CCVR)
-        data = train_data.tensors
-        stats = feature_stats(
-            model,
-            to_input(data.images),
-            data.labels,
-            head_keys(_args)[0],
-            class_map.num_classes,
-        )
     result = train(model, train_data.tensors, tcfg, class_map.active_indices, teacher)
     local = evaluate(model, eval_data.tensors, class_map.active_indices)
     metrics = MetricRecord(
@@ -176,10 +166,6 @@ def train_fn(msg: Message, context: Context) -> Message:
             keys.IGNORED_LABELS: ConfigRecord(dict(train_data.ignored)),
         }
     )
-    if stats is not None:
-        content[keys.FEATURE_STATS_ARRAYS] = ArrayRecord(
-            {k: Array(v) for k, v in stats.items()}
-        )
     return Message(content=content, reply_to=msg)
 
 
@@ -294,7 +280,7 @@ def _data_error(msg: Message, exc: Exception) -> Message:
 def evaluate_fn(msg: Message, context: Context) -> Message:
     cfg, args, class_map, model = _prepare(msg, context)
     try:
-        _, eval_data = _node_data(cfg, args, context, class_map)
+        train_data, eval_data = _node_data(cfg, args, context, class_map)
     except NODE_DATA_ERRORS as exc:
         return _data_error(msg, exc)
     result = evaluate(model, eval_data.tensors, class_map.active_indices)
@@ -305,4 +291,20 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
             keys.EVAL_ACCURACY: result.accuracy,
         }
     )
-    return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)
+    content = RecordDict({keys.METRICS: metrics})
+    config = msg.content.config_records[keys.CONFIG]
+    if config.get(keys.FEATURE_STATS) and len(train_data.tensors) > 0:
+        # head calibration (CCVR): the features of the model being evaluated,
+        # the round's aggregate, over this node's training images
+        data = train_data.tensors
+        stats = feature_stats(
+            model,
+            to_input(data.images),
+            data.labels,
+            head_keys(args)[0],
+            class_map.num_classes,
+        )
+        content[keys.FEATURE_STATS_ARRAYS] = ArrayRecord(
+            {k: Array(v) for k, v in stats.items()}
+        )
+    return Message(content=content, reply_to=msg)

@@ -28,7 +28,6 @@ the node is counted as failed, with its id and why (:class:`NodeOutcome`).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,9 +39,6 @@ from flwr.serverapp import Grid
 
 from fedobj import keys
 from fedobj.aggregation import StreamingMean, array_view, validate_update
-from fedobj.calibration import StatsSum
-
-log = logging.getLogger("fedobj.strategy")
 
 POLL_FIRST_S = 0.02
 """First wait between pulls; grows 1.5x per empty pull, reset by each reply."""
@@ -210,9 +206,7 @@ class ReplyFolder:
         *,
         stream: bool = True,
         perf_alpha: float | None = None,
-        stats: StatsSum | None = None,
     ) -> None:
-        self.stats = stats
         self.shapes = {k: tuple(int(d) for d in v.shape) for k, v in reference.items()}
         self.reference = {k: array_view(v) for k, v in reference.items()}
         self.stream = stream
@@ -241,8 +235,6 @@ class ReplyFolder:
             )
             return
         self.valid_count += 1
-        if self.stats is not None:
-            self._add_stats(msg, outcome.node_id)
         # Flower's strategies take exactly one ArrayRecord per reply: the model's
         for key in [k for k in msg.content.array_records if k != keys.ARRAYS]:
             del msg.content[key]
@@ -265,18 +257,6 @@ class ReplyFolder:
                     self._fold("_by_acc", arrays, float(acc))
             else:
                 self._fold("_no_acc", arrays, 1.0)
-
-    def _add_stats(self, msg: Message, node_id: int) -> None:
-        """Fold a reply's feature statistics in; a bad set is logged and left
-        out (the model update itself was valid and is kept)."""
-        assert self.stats is not None
-        record = msg.content.array_records.get(keys.FEATURE_STATS_ARRAYS)
-        if record is None:
-            log.warning("reply from node %d carries no feature statistics", node_id)
-            return
-        reason = self.stats.add({k: array_view(v) for k, v in record.items()})
-        if reason is not None:
-            log.warning("feature statistics of node %d left out: %s", node_id, reason)
 
     def missed(self, node_id: int, timeout: float) -> None:
         """Count a node that did not reply in time (``exchange``'s ``on_missing``)."""

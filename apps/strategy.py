@@ -34,6 +34,7 @@ from apps.exchange import ReplyFolder, exchange, missing, outcome_of
 from apps.perffedavg import PerfFedAvg
 from apps.records import put_model_context
 from fedobj import keys
+from fedobj.aggregation import array_view
 from fedobj.calibration import CalibrationSettings, StatsSum, calibrate_head
 from fedobj.catalog import SyncCatalog
 from fedobj.catalog.records import VersionRecord
@@ -289,8 +290,6 @@ class CatalogStrategy(Strategy):
         )
         if self.central_dp != "none":
             config[keys.CENTRAL_DP] = self.central_dp
-        if self.calibration is not None:
-            config[keys.FEATURE_STATS] = True
         return self.inner.configure_train(
             server_round, arrays, self._context(config), grid
         )
@@ -303,6 +302,9 @@ class CatalogStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self.calibration is not None:
+            config = ConfigRecord(dict(config))
+            config[keys.FEATURE_STATS] = True
         return self.inner.configure_evaluate(
             server_round, arrays, self._context(config), grid
         )
@@ -477,8 +479,11 @@ class CatalogStrategy(Strategy):
             ok = [
                 m for m in eval_replies if not m.has_error() and _num_examples(m) > 0
             ]  # Flower divides by the summed weights
+            stats = self._feature_stats(eval_replies, arrays)
             if ok:
                 self.aggregate_evaluate(server_round, ok)
+            if stats is not None:
+                arrays = self._calibrate(server_round, arrays, stats)
         # what the finish needs, taken now: the next round may grow the head,
         # follow a rollback or move FedAdam's moments while this one finishes
         class_map, model_args = self.class_map, self.model_args
@@ -527,16 +532,10 @@ class CatalogStrategy(Strategy):
             ) from None
         report.sampled = len(messages)
         self.catalog.start_round(self.run_id, server_round, len(messages))
-        weight_key = head_keys(self.model_args)[0]
         folder = ReplyFolder(
             arrays,
             stream=self.streams,
             perf_alpha=getattr(self.base, "perf_alpha", None),
-            stats=(
-                StatsSum(*arrays[weight_key].shape)
-                if self.calibration is not None
-                else None
-            ),
         )
         exchange(
             grid,
@@ -576,8 +575,6 @@ class CatalogStrategy(Strategy):
             )
             if aggregated is not None:
                 arrays = self._align(aggregated)
-                if folder.stats is not None:
-                    arrays = self._calibrate(server_round, arrays, folder.stats)
         else:
             log.warning(
                 "round %d: %d valid replies (< %d): the model is unchanged",
@@ -705,11 +702,39 @@ class CatalogStrategy(Strategy):
         log.info("head aligned: new rows scaled by %.3f, biases %+.3f", gamma, shift)
         return _record(numpy)
 
+    def _feature_stats(
+        self, replies: list[Message], arrays: ArrayRecord
+    ) -> StatsSum | None:
+        """Sum the evaluate replies' feature statistics (head calibration on);
+        the records are taken out of the replies (Flower's aggregation expects
+        none). A malformed set is logged and left out."""
+        if self.calibration is None:
+            return None
+        weight_key = head_keys(self.model_args)[0]
+        stats = StatsSum(*arrays[weight_key].shape)
+        for msg in replies:
+            if msg.has_error():
+                continue
+            record = msg.content.array_records.get(keys.FEATURE_STATS_ARRAYS)
+            if record is None:
+                continue  # a node with no training image in the catalog's classes
+            del msg.content[keys.FEATURE_STATS_ARRAYS]
+            reason = stats.add({k: array_view(v) for k, v in record.items()})
+            if reason is not None:
+                log.warning(
+                    "feature statistics of node %d left out: %s",
+                    msg.metadata.src_node_id,
+                    reason,
+                )
+        return stats
+
     def _calibrate(
         self, server_round: int, arrays: ArrayRecord, stats: StatsSum
     ) -> ArrayRecord:
         """CCVR: retrain the head on virtual features of every active class
-        (fedobj.calibration); the feature extractor is left as aggregated."""
+        (fedobj.calibration), drawn from the statistics of this very model's
+        features (the evaluate exchange computed them with the aggregate); the
+        feature extractor is left as aggregated."""
         assert self.calibration is not None
         c = self.calibration
         weight_key, bias_key = head_keys(self.model_args)

@@ -42,9 +42,10 @@ HEAD_W, HEAD_B = "classifier.weight", "classifier.bias"
 class ScriptedGrid:
     """Nodes 11, 12, 13; ``train`` builds each node's reply; hooks run per round."""
 
-    def __init__(self, train: Behaviour) -> None:
+    def __init__(self, train: Behaviour, evaluate: Behaviour | None = None) -> None:
         self.node_ids = [11, 12, 13]
         self.train = train
+        self.evaluate = evaluate
         self.sent: dict[int, list[Message]] = {}
         self.after_round: dict[int, Callable[[], None]] = {}
 
@@ -61,11 +62,11 @@ class ScriptedGrid:
             if msg.metadata.message_type == MessageType.TRAIN:
                 self.sent.setdefault(rnd, []).append(msg)
                 out.append(self.train(rnd, node, msg))
+            elif self.evaluate is not None:
+                self.sent.setdefault(-rnd, []).append(msg)
+                out.append(self.evaluate(rnd, node, msg))
             else:
-                metrics = MetricRecord(
-                    {keys.NUM_EXAMPLES: 5, keys.EVAL_LOSS: 1.0, keys.EVAL_ACCURACY: 0.5}
-                )
-                out.append(Message(RecordDict({keys.METRICS: metrics}), reply_to=msg))
+                out.append(_evaluated(msg))
                 if (
                     rnd in self.after_round
                     and node == messages[-1].metadata.dst_node_id
@@ -89,6 +90,13 @@ class ScriptedGrid:
         out = [m for m in self.outbox if m.metadata.reply_to_message_id in ids]
         self.outbox = [m for m in self.outbox if m not in out]
         return out
+
+
+def _evaluated(msg: Message) -> Message:
+    metrics = MetricRecord(
+        {keys.NUM_EXAMPLES: 5, keys.EVAL_LOSS: 1.0, keys.EVAL_ACCURACY: 0.5}
+    )
+    return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
 
 
 def plus(delta: float, n: int = 10) -> Behaviour:
@@ -470,16 +478,17 @@ def test_the_head_is_calibrated_on_the_nodes_feature_statistics(
     setup, inner: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Node 11 holds classes 0-2 only, node 12 classes 3-5 only; node 13's
-    statistics are malformed (left out, its update kept). The calibrated head
-    separates all six classes' features, which no node holds together."""
+    statistics are malformed (left out, its evaluation kept). The statistics
+    come with the evaluate replies (features of the round's aggregate); the
+    calibrated head separates all six classes, which no node holds together."""
     catalog, store, args, initial = setup
     rng = np.random.default_rng(0)
     means = rng.normal(scale=0.5, size=(6, 128))
     held = {11: [0, 1, 2], 12: [3, 4, 5]}
     samples = {c: means[c] + 0.2 * rng.normal(size=(200, 128)) for c in range(6)}
 
-    def train(rnd: int, node: int, msg: Message) -> Message:
-        out = plus(0.0)(rnd, node, msg)
+    def evaluate(rnd: int, node: int, msg: Message) -> Message:
+        out = _evaluated(msg)
         count, total, outer = np.zeros(6), np.zeros((6, 128)), np.zeros((6, 128, 128))
         for c in held.get(node, []):
             f = samples[c]
@@ -500,19 +509,24 @@ def test_the_head_is_calibrated_on_the_nodes_feature_statistics(
         args,
         calibration=CalibrationSettings(samples=100, steps=100, lr=0.5),
     )
-    grid = ScriptedGrid(train)
+    grid = ScriptedGrid(plus(0.0), evaluate)
     with caplog.at_level("INFO", logger="fedobj"):
         result = strategy.start(grid, initial, num_rounds=1)
 
-    config = grid.sent[1][0].content.config_records[keys.CONFIG]
-    assert config[keys.FEATURE_STATS] is True
+    train_config = grid.sent[1][0].content.config_records[keys.CONFIG]
+    assert keys.FEATURE_STATS not in train_config
+    eval_config = grid.sent[-1][0].content.config_records[keys.CONFIG]
+    assert eval_config[keys.FEATURE_STATS] is True
     w, b = result.arrays[HEAD_W].numpy(), result.arrays[HEAD_B].numpy()
     before = initial[HEAD_W].numpy(), initial[HEAD_B].numpy()
     feats = np.concatenate([samples[c] for c in range(6)])
     labels = np.repeat(np.arange(6), 200)
     assert ((feats @ before[0].T + before[1]).argmax(1) == labels).mean() < 0.5
     assert ((feats @ w.T + b).argmax(1) == labels).mean() > 0.95
-    assert catalog.rounds("run-1")[0].nodes_replied == 3  # node 13's update kept
+    # the version registered is the calibrated model
+    (version,) = catalog.list_versions()
+    ck = store.load_checkpoint(version.checkpoint_uri, version.checkpoint_sha256)
+    np.testing.assert_array_equal(ck.state_dict[HEAD_W].numpy(), w)
     text = caplog.text
     assert "feature statistics of node 13 left out: feature stats 'count'" in text
     assert "head calibrated on 600 virtual features of 6 classes" in text
