@@ -67,7 +67,12 @@ def finish(proc: subprocess.Popen[str], timeout_s: float = 300) -> str:
 def test_category_added_mid_run_grows_the_head(superlink, tmp_path: Path) -> None:  # noqa: F811
     link, _ = superlink
     db = tmp_path / "growth.db"
-    proc = start_run(link, db, "num-server-rounds=4 initial-categories=6")
+    # with head calibration on: its statistics travel in the evaluate exchange
+    proc = start_run(
+        link,
+        db,
+        'num-server-rounds=4 initial-categories=6 head-calibration="virtual-features"',
+    )
     catalog = SyncCatalog(db)
     wait_for_round(catalog, 1, proc)
     for name in FASHION_MNIST_NAMES[6:]:  # what `POST /categories` will do
@@ -81,6 +86,9 @@ def test_category_added_mid_run_grows_the_head(superlink, tmp_path: Path) -> Non
     # the four adds are four edits: a round's snapshot may fall between them, so
     # the head may grow in steps (6->9, then 9->10), never shrink, never skip a round
     assert "head grew 6->" in log and "->10" in log, log[-3000:]
+    assert "round 1: head calibrated on 1200 virtual features of 6 classes" in log
+    assert "round 4: head calibrated on 2000 virtual features of 10 classes" in log
+    assert "(statistics from 2 nodes)" in log, log[-3000:]
     final = catalog.current_version()
     assert final is not None and final.round == 4
     from fedobj.model import load_checkpoint
