@@ -6,11 +6,15 @@ Under label skew each node's local training pulls the head towards the classes
 it holds: after a growth in the *disjoint* setting (70% of nodes hold only the
 old categories, 30% only the new ones) the averaged head is a tug of war that
 nobody who sees both sides referees. The server can referee without seeing an
-image: each node sends, per class, the count, sum and sum of outer products of
-the features the head reads (the penultimate layer, computed with the model the
-node received, before training). Summed over nodes these give every class's
-mean and covariance exactly; the server draws virtual features from those
-Gaussians and retrains only the head on them — every class at once, balanced.
+image: with each evaluation, each node sends, per class, the count, sum and sum
+of outer products of the features the head reads (the penultimate layer of the
+round's aggregate — the very model being calibrated — over the node's training
+images). Summed over nodes these give every class's mean and covariance
+exactly; the server draws virtual features from those Gaussians and retrains
+only the head on them — every class at once, balanced — before the round's
+version is registered. (Statistics sent with the train replies instead, from the
+model before training, fit the head to the previous round's features: measured
+worse and unsteady, simulations/README.md.)
 
 Costs: one extra forward pass over a node's data (no gradients) and
 ``C·D·(D+1)+C`` floats per reply (10 classes, D=128: 0.66 MB against the
