@@ -123,6 +123,7 @@ def train_fn(msg: Message, context: Context) -> Message:
         local_loss=cfg.local_loss,
         restricted_alpha=cfg.restricted_alpha,
         logit_adjust_tau=cfg.logit_adjust_tau,
+        frozen=head_keys(_args) if config.get(keys.FREEZE_HEAD) else (),
     )
     if cfg.dp:
         return _train_private(msg, context, cfg, tcfg, model, train_data, class_map)
@@ -226,8 +227,6 @@ def _train_private(
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: len(train_data.tensors),
-            keys.TRAIN_LOSS: run.result.loss,
-            keys.TRAIN_ACCURACY: run.result.accuracy,
             keys.TRAIN_SECONDS: run.result.seconds,
             keys.DP_EPSILON: ledger.epsilon(cfg.dp_delta),
             keys.DP_DELTA: cfg.dp_delta,
@@ -240,13 +239,16 @@ def _train_private(
         {
             keys.ARRAYS: model_to_arrays(model),
             keys.METRICS: metrics,
-            # no label histogram and no held-out accuracy: they would leak what
-            # DP-SGD protects; the server is told what was withheld
+            # no label histogram, no held-out accuracy, no training loss or
+            # accuracy: computed on the private images without noise, they would
+            # leak what DP-SGD protects; the server is told what was withheld
             keys.DP: ConfigRecord(
                 {
                     "accountant": ACCOUNTANT,
                     "device-id": device,
-                    "withheld": "label-histogram, local-accuracy",
+                    "withheld": (
+                        "label-histogram, local-accuracy, train-loss, train-accuracy"
+                    ),
                 }
             ),
         }
@@ -293,7 +295,10 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({keys.METRICS: metrics})
     config = msg.content.config_records[keys.CONFIG]
-    if config.get(keys.FEATURE_STATS) and len(train_data.tensors) > 0:
+    private = cfg.dp or cfg.secagg or cfg.central_dp != "none"
+    if private and config.get(keys.FEATURE_STATS):
+        log.warning("feature statistics not sent: this run is private")
+    elif config.get(keys.FEATURE_STATS) and len(train_data.tensors) > 0:
         # head calibration (CCVR): the features of the model being evaluated,
         # the round's aggregate, over this node's training images
         data = train_data.tensors

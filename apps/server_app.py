@@ -263,7 +263,10 @@ def _run_with_catalog(
         overlap=cfg.overlap_rounds,
         calibration=(
             CalibrationSettings(
-                cfg.calibration_samples, cfg.calibration_steps, cfg.calibration_lr
+                cfg.calibration_samples,
+                cfg.calibration_steps,
+                cfg.calibration_lr,
+                cfg.calibration_freeze_head,
             )
             if cfg.head_calibration != "none"
             else None

@@ -290,6 +290,8 @@ class CatalogStrategy(Strategy):
         )
         if self.central_dp != "none":
             config[keys.CENTRAL_DP] = self.central_dp
+        if self.calibration is not None and self.calibration.freeze_head:
+            config[keys.FREEZE_HEAD] = True  # the server's calibration sets it
         return self.inner.configure_train(
             server_round, arrays, self._context(config), grid
         )

@@ -81,6 +81,11 @@ class BookKeepingClipper:
             )
         self.max_grad_norm = max_grad_norm
         self.layers = _trainable_layers(model)
+        owned = [id(p) for m in self.layers for p in m.parameters(recurse=False)]
+        if len(owned) != len(set(owned)):
+            raise ValueError(
+                "book-keeping DP cannot clip a parameter shared by two layers"
+            )
         # an in-place activation would overwrite a recorded output (then autograd
         # answers for the activation's output, not the layer's) or input
         for module in model.modules():
@@ -170,7 +175,8 @@ def check_clippable(model: nn.Module, example: torch.Tensor) -> None:
     trainable layer has a per-sample gradient function, and a training step on
     ``example`` (a batch of 2 or more inputs) changes no layer's input or output
     in place (a residual ``out += x`` does: torchvision's MobileNetV3 blocks).
-    The model's parameters and gradients are left as they were."""
+    The model's parameters and gradients are left as they were; its in-place
+    activations are turned off (same function, as DP training needs anyway)."""
     clipper = BookKeepingClipper(model, 1.0)
     was_training = model.training
     saved = {p: p.grad for p in model.parameters()}

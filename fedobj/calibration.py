@@ -130,6 +130,7 @@ class CalibrationSettings:
     samples: int = 200
     steps: int = 100
     lr: float = 0.1
+    freeze_head: bool = False  # nodes train the extractor only
 
 
 @dataclass(frozen=True)

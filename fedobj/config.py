@@ -81,6 +81,7 @@ class RunConfig:
     calibration_samples: int = 200
     calibration_steps: int = 100
     calibration_lr: float = 0.1
+    calibration_freeze_head: bool = False
     distill_weight: float = 1.0
     distill_rounds: int = 5
     distill_temperature: float = 2.0
@@ -219,7 +220,19 @@ class RunConfig:
         need(self.calibration_samples >= 1, "calibration-samples", "must be >= 1")
         need(self.calibration_steps >= 1, "calibration-steps", "must be >= 1")
         need(self.calibration_lr > 0, "calibration-lr", "must be > 0")
+        need(
+            not self.calibration_freeze_head or self.head_calibration != "none",
+            "calibration-freeze-head",
+            "needs head-calibration (else the head never trains)",
+        )
         if self.head_calibration != "none":
+            # a class whose nodes all sat out the evaluation would have no
+            # statistics, and the others' rows would be fitted without it
+            need(
+                self.fraction_evaluate == 1.0,
+                "fraction-evaluate",
+                "must be 1.0 with head-calibration (statistics from every node)",
+            )
             # nodes would send per-class feature statistics in the clear
             need(
                 not self.dp and self.central_dp == "none" and not self.secagg,

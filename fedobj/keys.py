@@ -19,6 +19,7 @@ DISTILL_CLASSES = "distill-classes"  # > 0 after growth: distil the first k clas
 SECAGG_ARRAY_NAMES = "secagg-array-names"  # json list: names of the legacy arrays
 CENTRAL_DP = "central-dp"  # the central-DP mode; its replies weigh 1 each
 FEATURE_STATS = "feature-stats"  # true: send per-class feature statistics (CCVR)
+FREEZE_HEAD = "freeze-head"  # true: train the extractor only, keep the head received
 
 # MetricRecord keys (node -> server).
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
@@ -42,7 +43,7 @@ DP = "dp"  # ConfigRecord: accountant, device id, what is withheld
 # ConfigRecords in a train reply (node -> server): label slug -> image count.
 LABEL_HISTOGRAM = "label-histogram"  # images used, per category slug
 IGNORED_LABELS = "ignored-labels"  # images skipped: slug not (or not active) in map
-# ArrayRecord in a train reply when asked (FEATURE_STATS): fedobj.calibration's
+# ArrayRecord in an evaluate reply when asked (FEATURE_STATS): fedobj.calibration's
 # per-class count / sum / outer products of the head's input features
 FEATURE_STATS_ARRAYS = "feature-stats"
 

@@ -143,11 +143,14 @@ def check_dp_compatible(
     guarantee) do not exist for it; Opacus' validator names every such layer.
     Book-keeping clipping (``"bk"``) also needs a per-sample gradient function
     for every trainable layer (those without one are named) and no layer output
-    changed in place: one step on zeros of ``example_shape`` (one input) shows it.
+    changed in place: one step on two zero inputs of ``example_shape`` shows it.
     """
     from opacus.validators import ModuleValidator
 
-    problems = ModuleValidator.validate(model, strict=False)
+    from fedobj.train import batch_mixing_layers
+
+    problems: list[Any] = list(ModuleValidator.validate(model, strict=False))
+    problems += [f"{m} mixes a batch's samples" for m in batch_mixing_layers(model)]
     if problems:
         names = "; ".join(str(p) for p in problems[:5])
         raise ConfigError(

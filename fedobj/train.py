@@ -9,6 +9,7 @@ two cores.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 import warnings
 from collections import Counter
@@ -113,6 +114,7 @@ class TrainConfig:
     local_loss: str = "ce"  # one of LOCAL_LOSSES: how classes absent locally count
     restricted_alpha: float = 0.5  # "restricted": scale of absent classes' logits
     logit_adjust_tau: float = 1.0  # "logit-adjusted": weight of log local prior
+    frozen: tuple[str, ...] = ()  # parameter names left as received (the head)
 
 
 @dataclass(frozen=True)
@@ -284,8 +286,11 @@ def _train(
 ) -> TrainResult:
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed)
+    names = {n for n, _ in model.named_parameters()}
+    if unknown := set(cfg.frozen) - names:
+        raise ValueError(f"cannot freeze {sorted(unknown)}: no such parameter")
     opt = torch.optim.SGD(
-        model.parameters(),
+        [p for n, p in model.named_parameters() if n not in cfg.frozen],
         lr=cfg.lr,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
@@ -437,6 +442,17 @@ class DpSettings:
 DP_GRAD_SAMPLE_MODES = ("auto", "bk", "ghost", "hooks", "functorch", "ew")
 
 
+def batch_mixing_layers(model: nn.Module) -> list[str]:
+    """BatchNorm layers, trainable or not: in training they normalise each
+    sample by its batch-mates' statistics, so no per-sample bound (and no DP
+    guarantee) exists. Opacus' validator checks only trainable layers."""
+    return [
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+
+
 def resolve_grad_sample_mode(mode: str, model: nn.Module, example: torch.Tensor) -> str:
     """``mode``, or for "auto" the fastest that clips ``model`` exactly: "bk"
     unless a step on ``example`` (model input) shows it cannot, then "ghost"."""
@@ -477,6 +493,7 @@ def bookkeeping_private(
     opt: torch.optim.Optimizer,
     loader: DataLoader[Any],
     dp: DpSettings,
+    noise_rng: torch.Generator | None = None,
 ) -> tuple[
     nn.Module, DPOptimizerFastGradientClipping, DPDataLoader, BookKeepingClipper
 ]:
@@ -486,10 +503,12 @@ def bookkeeping_private(
     two-pass hooks. The model itself is not wrapped."""
     from opacus.data_loader import DPDataLoader
     from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.validators import ModuleValidator
 
     from fedobj.bookkeeping import BookKeepingClipper
 
-    poisson = DPDataLoader.from_data_loader(loader)
+    ModuleValidator.validate(model, strict=True)  # what make_private checks
+    poisson = DPDataLoader.from_data_loader(loader)  # the loader's generator
     expected_batch = int(len(poisson.dataset) * poisson.sample_rate)  # type: ignore[arg-type]
     dp_opt = DPOptimizerFastGradientClipping(
         opt,
@@ -497,6 +516,7 @@ def bookkeeping_private(
         max_grad_norm=dp.max_grad_norm,
         expected_batch_size=expected_batch,
         loss_reduction="mean",
+        generator=noise_rng,
     )
     return model, dp_opt, poisson, BookKeepingClipper(model, dp.max_grad_norm)
 
@@ -526,18 +546,29 @@ def train_private(
             f"dp-grad-sample-mode must be one of {DP_GRAD_SAMPLE_MODES}, "
             f"got {dp.grad_sample_mode!r}"
         )
-    mode = resolve_grad_sample_mode(
-        dp.grad_sample_mode, model, to_input(data.images[:2])
-    )
+    if mixing := batch_mixing_layers(model):
+        raise ValueError(
+            f"DP-SGD needs per-sample gradients; BatchNorm mixes samples: {mixing}"
+        )
+    # probed on zeros: nothing of the private data runs outside DP-SGD
+    probe = torch.zeros((min(2, len(data)), *data.images.shape[1:]))
+    mode = resolve_grad_sample_mode(dp.grad_sample_mode, model, probe)
     for module in model.modules():  # Opacus' hooks cannot follow in-place ops
         if getattr(module, "inplace", False):
             setattr(module, "inplace", False)  # noqa: B010
     model.train()
-    torch.manual_seed(cfg.seed)
+    # The noise and the Poisson draws must be secret: seeded from the run
+    # config (which the server knows) they could be replayed and the noise
+    # subtracted. Both generators, and the global RNG (dropout, and whatever
+    # Opacus draws without a generator), are seeded from the OS's CSPRNG.
+    # (Opacus' secure_mode would need torchcsprng, not installed here.)
+    noise_rng = torch.Generator().manual_seed(secrets.randbits(63))
+    sample_rng = torch.Generator().manual_seed(secrets.randbits(63))
+    torch.manual_seed(secrets.randbits(63))
     loader = DataLoader(
         TensorDataset(data.images, data.labels),
         batch_size=cfg.batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed),
+        generator=sample_rng,
     )
     opt = torch.optim.SGD(
         model.parameters(),
@@ -548,7 +579,7 @@ def train_private(
     clipper: BookKeepingClipper | None = None
     if mode == "bk":
         private, dp_opt, dp_loader, clipper = bookkeeping_private(
-            model, opt, loader, dp
+            model, opt, loader, dp, noise_rng
         )
         criterion: Callable[..., torch.Tensor] = F.cross_entropy
     else:
@@ -562,6 +593,7 @@ def train_private(
             poisson_sampling=True,
             grad_sample_mode=mode,
             criterion=nn.CrossEntropyLoss(),
+            noise_generator=noise_rng,  # the loader keeps sample_rng
         )
         # ghost clipping also returns a wrapped loss whose backward() runs its two
         # passes; the other modes clip in the optimizer after a plain backward
@@ -578,30 +610,32 @@ def train_private(
     total_loss, correct, seen, done = 0.0, 0, 0, 0
     # Opacus' hooks warn on every first backward that the input needs no grad
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    for _ in range(cfg.epochs):
-        for images, labels in dp_loader:
-            if len(labels) == 0:
-                continue  # Poisson sampling can draw an empty batch
-            # cleared before the forward: "ew" refuses to run over stale grads
-            dp_opt.zero_grad(set_to_none=True)
-            logits = private(to_input(images))
-            if mask is not None:
-                logits = logits + mask
-            if clipper is not None:
-                per_sample = F.cross_entropy(logits, labels, reduction="none")
-                clipper.backward(per_sample)
-                loss = per_sample.detach().mean()
-            else:
-                loss = criterion(logits, labels)
-                loss.backward()
-            dp_opt.step()
-            total_loss += loss.item() * len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
-            seen += len(labels)
-            done += 1
+    try:
+        for _ in range(cfg.epochs):
+            for images, labels in dp_loader:
+                if len(labels) == 0:
+                    continue  # Poisson sampling can draw an empty batch
+                # cleared before the forward: "ew" refuses to run over stale grads
+                dp_opt.zero_grad(set_to_none=True)
+                logits = private(to_input(images))
+                if mask is not None:
+                    logits = logits + mask
+                if clipper is not None:
+                    per_sample = F.cross_entropy(logits, labels, reduction="none")
+                    clipper.backward(per_sample)
+                    loss = per_sample.detach().mean()
+                else:
+                    loss = criterion(logits, labels)
+                    loss.backward()
+                dp_opt.step()
+                total_loss += loss.item() * len(labels)
+                correct += int((logits.argmax(1) == labels).sum())
+                seen += len(labels)
+                done += 1
+    finally:
+        if clipper is not None:
+            clipper.remove()
     seconds = time.perf_counter() - t0
-    if clipper is not None:
-        clipper.remove()
     result = TrainResult(
         total_loss / seen if seen else float("nan"),
         correct / seen if seen else 0.0,

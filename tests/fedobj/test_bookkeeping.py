@@ -160,3 +160,30 @@ def test_forward_passes_without_grad_record_nothing() -> None:
         model(x)  # an evaluation in between
     norms = clipper.backward(F.cross_entropy(model(x), y, reduction="none"))
     assert norms.shape == (5,) and bool((norms > 0).all())
+
+
+def test_shared_parameters_and_a_frozen_batchnorm_are_refused() -> None:
+    from fedobj.train import DpSettings, LabelledTensors, TrainConfig, train_private
+
+    first = nn.Linear(4, 4)
+    tied = nn.Sequential(first, nn.ReLU(), nn.Linear(4, 4))
+    tied[2].weight = first.weight
+    with pytest.raises(ValueError, match="shared by two layers"):
+        BookKeepingClipper(tied, 1.0)
+    # no trainable parameter, yet it mixes the samples of a batch: no DP bound
+    mixing = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4, affine=False),
+        nn.Flatten(),
+        nn.Linear(4 * 26 * 26, 2),
+    )
+    data = LabelledTensors(
+        torch.zeros(8, 1, 28, 28, dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
+    )
+    for mode in ("bk", "ghost"):  # Opacus' validator passes it: it is not trainable
+        with pytest.raises(ValueError, match=r"BatchNorm mixes samples.*1 \(Batch"):
+            train_private(
+                mixing, data, TrainConfig(batch_size=4), DpSettings(1, 1, mode)
+            )
+    with pytest.raises(ConfigError, match="mixes a batch"):
+        check_dp_compatible(mixing)

@@ -126,12 +126,36 @@ def test_calibration_separates_classes_no_node_holds_together() -> None:
 
 
 def test_run_config_refuses_calibration_where_statistics_would_leak() -> None:
-    assert RunConfig(head_calibration="virtual-features").calibration_samples == 200
+    on = {"head_calibration": "virtual-features", "fraction_evaluate": 1.0}
+    assert RunConfig(**on).calibration_samples == 200  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="fraction-evaluate.*every node"):
+        RunConfig(head_calibration="virtual-features", fraction_evaluate=0.5)
     leaks = [{"dp": True}, {"central_dp": "server-fixed"}, {"secagg": True}]
     for leak in leaks:
         with pytest.raises(ConfigError, match="head-calibration.*in the clear"):
-            RunConfig(head_calibration="virtual-features", min_nodes=3, **leak)  # type: ignore[arg-type]
+            RunConfig(min_nodes=3, **on, **leak)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="head-calibration"):
         RunConfig(head_calibration="ccvr")
     with pytest.raises(ConfigError, match="calibration-steps"):
         RunConfig(calibration_steps=0)
+
+
+def test_a_frozen_head_is_left_as_received_while_the_extractor_trains() -> None:
+    from fedobj.train import LabelledTensors, TrainConfig, train
+
+    model, key = _cnn()
+    heads = head_keys(ModelArgs("cnn", 10, norm="group"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = LabelledTensors(
+        torch.randint(0, 255, (40, 1, 28, 28), dtype=torch.uint8),
+        torch.randint(0, 10, (40,)),
+    )
+    train(model, data, TrainConfig(batch_size=8, frozen=heads))
+    after = model.state_dict()
+    for k in heads:
+        assert torch.equal(after[k], before[k]), k
+    assert not torch.equal(after["hidden.2.weight"], before["hidden.2.weight"])
+    with pytest.raises(ValueError, match="cannot freeze.*nope"):
+        train(model, data, TrainConfig(frozen=("nope",)))
+    with pytest.raises(ConfigError, match="calibration-freeze-head.*needs"):
+        RunConfig(calibration_freeze_head=True)

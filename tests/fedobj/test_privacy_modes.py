@@ -110,6 +110,35 @@ def test_mode_steps_by_the_mean_of_hand_clipped_per_sample_gradients(
         )
 
 
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_noise_has_its_scale_and_cannot_be_replayed_from_the_run_config(
+    mode: str,
+) -> None:
+    """Every sample drawn (rate 1), lr 1: the step is -(clipped sum + noise) / 24
+    with noise N(0, (sigma*C)^2) per coordinate; C is so small that the clipped
+    sum is ~2% of the noise. Two runs with the same seed in the run config must
+    not draw the same noise (the server knows that seed)."""
+    data = _batch()
+    cfg = TrainConfig(
+        epochs=1, batch_size=len(data), lr=1.0, momentum=0.0, weight_decay=0.0
+    )
+    sigma, bound = 2.0, 0.01
+    steps = []
+    for _ in range(2):
+        model = _model()
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        train_private(model, data, cfg, DpSettings(sigma, bound, mode))
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        steps.append(after - before)
+    want = sigma * bound / len(data)
+    for step in steps:
+        assert float(step.std()) == pytest.approx(want, rel=0.02)
+        assert abs(float(step.mean())) < want / 100
+    assert float((steps[0] - steps[1]).std()) == pytest.approx(
+        want * 2**0.5, rel=0.02
+    )  # independent draws, not the same noise twice
+
+
 def test_accounting_does_not_depend_on_the_mode() -> None:
     one = _batch()
     data = LabelledTensors(one.images.repeat(4, 1, 1, 1), one.labels.repeat(4))
