@@ -17,6 +17,8 @@ PYTEST_ARGS ?=
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 LINK := --home $(FLWR_HOME) --port $(SUPERLINK_PORT) --control-port $(CONTROL_PORT)
 
+# exported so the recipe can quote it as it is: string values keep their quotes
+export RUN_CONFIG
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export FLWR_HOME
 export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT := $(SUPERLINK_PORT)
@@ -53,7 +55,7 @@ demo: setup data
 	@$(BIN)/fedobj superlink start $(LINK)
 	@status=0; \
 	$(BIN)/flwr run . --stream --federation-config "$(FEDERATION)" \
-	  $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)") || status=$$?; \
+	  $(if $(RUN_CONFIG),--run-config "$$RUN_CONFIG") || status=$$?; \
 	$(BIN)/fedobj superlink stop $(LINK) >/dev/null; \
 	if [ $$status -ne 0 ]; then echo "flwr run failed (exit $$status)"; exit $$status; fi; \
 	$(BIN)/fedobj runs show latest --outputs "$(FEDOBJ_OUTPUTS_DIR)"
