@@ -44,6 +44,14 @@ GRAD_SAMPLERS: dict[type, Callable[..., dict[nn.Parameter, torch.Tensor]]] = (
 )
 
 
+def disable_inplace(model: nn.Module) -> None:
+    """Turn ``inplace`` activations off (same function): per-sample gradient
+    hooks, Opacus' and ours, need each layer's input and output as they were."""
+    for module in model.modules():
+        if getattr(module, "inplace", False):
+            setattr(module, "inplace", False)  # noqa: B010
+
+
 def _trainable_layers(model: nn.Module) -> list[nn.Module]:
     return [
         m
@@ -88,9 +96,7 @@ class BookKeepingClipper:
             )
         # an in-place activation would overwrite a recorded output (then autograd
         # answers for the activation's output, not the layer's) or input
-        for module in model.modules():
-            if getattr(module, "inplace", False):
-                setattr(module, "inplace", False)  # noqa: B010
+        disable_inplace(model)
         self._records: dict[
             nn.Module, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]
         ] = {}

@@ -538,6 +538,8 @@ def train_private(
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
+    from fedobj.bookkeeping import disable_inplace
+
     if len(data) == 0:
         raise ValueError("no training samples after mapping through the class map")
     sample_rate, steps = dp_plan(len(data), cfg)
@@ -553,9 +555,7 @@ def train_private(
     # probed on zeros: nothing of the private data runs outside DP-SGD
     probe = torch.zeros((min(2, len(data)), *data.images.shape[1:]))
     mode = resolve_grad_sample_mode(dp.grad_sample_mode, model, probe)
-    for module in model.modules():  # Opacus' hooks cannot follow in-place ops
-        if getattr(module, "inplace", False):
-            setattr(module, "inplace", False)  # noqa: B010
+    disable_inplace(model)  # Opacus' hooks cannot follow in-place ops
     model.train()
     # The noise and the Poisson draws must be secret: seeded from the run
     # config (which the server knows) they could be replayed and the noise

@@ -60,6 +60,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedobj.bookkeeping import disable_inplace
 from fedobj.data.categories import fashion_mnist_class_map
 from fedobj.data.fashion_mnist import ImageArrays, load_fashion_mnist
 from fedobj.data.partition import iid
@@ -129,9 +130,7 @@ def dp_step(
     nhwc = name.endswith(NHWC)
     torch.manual_seed(cfg.seed)
     model = build_model(MODEL)
-    for module in model.modules():  # as train_private: no in-place ReLU
-        if getattr(module, "inplace", False):
-            setattr(module, "inplace", False)  # noqa: B010
+    disable_inplace(model)  # as train_private: no in-place ReLU
     mode = resolve_grad_sample_mode(
         name.removesuffix(NHWC), model, to_input(images[:2])
     )
