@@ -16,11 +16,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fedobj.appstage import stage_app
 
 DEFAULT_HTTP_PORT = 39191
 DEFAULT_CONTROL_PORT = 39193
@@ -72,9 +75,15 @@ class LocalSuperLink:
 
         Run it with :meth:`cli_env` so that ``flwr`` finds this SuperLink by port.
         ``cpus_per_node=1`` lets two nodes train at once on two cores (Flower's
-        default of 2 runs one at a time).
+        default of 2 runs one at a time). The app's bundle is staged in a
+        directory of its own under ``flwr_home`` first (:mod:`fedobj.appstage`:
+        ``flwr`` would otherwise walk the project's ``.venv``, 4.5 s a run).
         """
         flwr = str(Path(sys.executable).with_name("flwr"))
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        app_dir = stage_app(
+            Path(app_dir), Path(tempfile.mkdtemp(prefix="app-", dir=self.flwr_home))
+        )
         federation = f"num-supernodes={num_supernodes} "
         federation += f"client-resources-num-cpus={cpus_per_node}"
         return [

@@ -25,6 +25,7 @@ from torch import nn
 
 from fedobj.classmap import ClassMap
 from fedobj.data.fashion_mnist import ImageArrays
+from fedobj.model.fastpath import fast_forward
 
 if TYPE_CHECKING:  # Opacus and DataLoader load only where DP runs
     from opacus.data_loader import DPDataLoader
@@ -310,6 +311,8 @@ def _train(
     counts = torch.bincount(data.labels, minlength=num_classes)[:num_classes]
     if teacher is not None:
         teacher.eval()
+    forward = fast_forward(model)
+    teacher_forward = fast_forward(teacher) if teacher is not None else None
     n = len(data)
     t0 = time.perf_counter()
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
@@ -324,14 +327,14 @@ def _train(
                 flip = torch.rand(len(idx), generator=gen) < 0.5
                 x[flip] = x[flip].flip(-1)
             y = data.labels[idx]
-            raw = model(x)
+            raw = forward(x)
             shaped = local_loss_logits(raw, counts, cfg)
             logits = shaped + mask if mask is not None else shaped
             loss = F.cross_entropy(logits, y)
             if distil:
-                assert teacher is not None
+                assert teacher_forward is not None
                 with torch.no_grad():
-                    target = teacher(x)
+                    target = teacher_forward(x)
                 loss = loss + cfg.distill_weight * distillation_loss(
                     raw, target, old_classes, cfg.distill_temperature
                 )
@@ -370,10 +373,11 @@ def evaluate(
     num_classes = _num_outputs(model, data)
     mask = _logit_mask(num_classes, active)
     total_loss, preds = 0.0, []
+    forward = fast_forward(model)
     with channels_last(model):
         for start in range(0, n, batch_size):
             x = to_input(data.images[start : start + batch_size])
-            logits = model(x.contiguous(memory_format=torch.channels_last))
+            logits = forward(x.contiguous(memory_format=torch.channels_last))
             if mask is not None:
                 logits = logits + mask
             y = data.labels[start : start + batch_size]

@@ -1,0 +1,98 @@
+"""The ``cnn``'s fast forward computes what its ``forward`` computes, gradients too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedobj.model import ModelArgs, build_model
+from fedobj.model.factory import SmallCNN
+from fedobj.model.fastpath import dropout, fast_forward
+
+
+def _model(norm: str = "group", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ModelArgs("cnn", 10, 1, 28, norm))
+
+
+def _no_dropout(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    named = model.named_parameters()
+    return {n: p.grad.clone() for n, p in named if p.grad is not None}
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("size", [28, 32])
+def test_fast_forward_matches_forward_and_backward(
+    norm: str, channels_last: bool, size: int
+) -> None:
+    """Values and every parameter's gradient, train mode, both layouts, both sizes.
+
+    32x32 input makes the adaptive pool a real pool (8x8 -> 7x7), 28x28 an identity
+    that the fast path skips; BatchNorm (in train mode) checks the non-GroupNorm arm.
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(16, 1, size, size).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (16,))
+    outs, grads = [], []
+    for fast in (False, True):
+        model = _model(norm).to(memory_format=fmt)
+        _no_dropout(model)
+        model.train()
+        forward = fast_forward(model) if fast else model
+        out = forward(x)
+        nn.functional.cross_entropy(out, y).backward()
+        outs.append(out.detach())
+        grads.append(_grads(model))
+    assert fast_forward(model) is not model  # the fast path ran
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5)
+
+
+def test_fast_forward_in_eval_mode_is_deterministic_and_equal() -> None:
+    model = _model().eval()
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast_forward(model)(x), model(x))
+
+
+def test_other_models_run_their_own_forward() -> None:
+    class Subclassed(SmallCNN):
+        pass
+
+    changed = _model()
+    assert isinstance(changed, SmallCNN)
+    changed.hidden[1] = nn.Identity()  # a layout the fast path does not know
+    mobilenet = build_model(ModelArgs("mobilenet_v3_small", 4, 3, 32, "group"))
+    sub = Subclassed(ModelArgs())
+    for model in (changed, mobilenet, sub):
+        assert fast_forward(model) is model
+
+
+def test_dropout_keeps_one_minus_p_and_rescales() -> None:
+    torch.manual_seed(1)
+    x = torch.ones(200, 1000)
+    out = dropout(x, 0.25, training=True)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005  # 200,000 draws
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.75))
+    assert dropout(x, 0.25, training=False) is x
+    assert dropout(x, 0.0, training=True) is x
+    assert not dropout(x, 1.0, training=True).any()
+
+
+def test_dropout_gradient_is_the_mask() -> None:
+    x = torch.randn(50, 60, requires_grad=True)
+    out = dropout(x, 0.5, training=True)
+    out.sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, (out.detach() != 0).float() * 2.0)
