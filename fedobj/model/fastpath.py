@@ -1,12 +1,12 @@
 """An exact, faster way to run the ``cnn`` through a training or evaluation step.
 
-Why: on these CPUs a node's local epoch is most of a round, and a third of the
-``cnn``'s step is not convolution but memory-bound layers that eager PyTorch runs
-as written. The same network can be run in fewer passes over memory without
-changing what it computes; this is what a graph compiler would do, but
-``torch.compile`` made the step slower here (40 against 20 ms per batch of 32).
-Measured on the project's 2-core machine, one thread, batch 32, channels-last
-(``simulations/bench/vs_plain_flower.py`` shows the effect on a whole run):
+Why: a node's local epoch is most of a round, and about 15% of the ``cnn``'s
+step went to layers that eager PyTorch runs as written where cheaper exact forms
+exist (a ReLU over the full map, an identity pool, dropout's Bernoulli draw). A
+graph compiler would find these; ``torch.compile`` made the step slower here (40
+against 20 ms per batch of 32). Measured on the project's 2-core machine, one
+thread, batch 32, channels-last (``simulations/bench/vs_plain_flower.py`` shows
+the effect on whole runs):
 
 - **max-pool before ReLU**: ``relu(maxpool(x)) == maxpool(relu(x))``, values and
   gradients (the max of a window is positive exactly when its ReLU is), with the
@@ -14,9 +14,6 @@ Measured on the project's 2-core machine, one thread, batch 32, channels-last
 - **no identity pool**: the adaptive average pool to 7x7 averages one value per
   cell at 28x28 input; skipped when the input is already 7x7 (its backward alone
   took 4% of a step);
-- **GroupNorm in NCHW**: PyTorch's CPU GroupNorm is several times slower on a
-  channels-last tensor (fwd+bwd of 32x32x28x28: 4.0 against 0.9 ms); the
-  convolutions stay channels-last, where oneDNN is faster;
 - **dropout from a uniform draw**: ``rand < 1 - p`` is the same Bernoulli mask
   as ``bernoulli_``, drawn 2.6x faster.
 
@@ -97,12 +94,7 @@ class _SmallCnnPlan:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv, norm, pool in self.blocks:
-            h = conv(x)
-            if isinstance(norm, nn.GroupNorm) and not h.is_contiguous():
-                h = norm(h.contiguous()).contiguous(memory_format=torch.channels_last)
-            else:
-                h = norm(h)
-            x = torch.relu_(pool(h))
+            x = torch.relu_(pool(norm(conv(x))))
         if tuple(x.shape[-2:]) != self.pool_size:
             x = self.pool(x)
         training = self.model.training
