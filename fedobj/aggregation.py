@@ -10,6 +10,7 @@ nodes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +91,19 @@ def perf_fedavg_weights(
 
 
 NPY_MAGIC = b"\x93NUMPY"
+_C_ORDER = b"'fortran_order': False"
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(dtype: str, shape: tuple[int, ...]) -> tuple[np.dtype[Any], int, int]:
+    """(numpy dtype, element count, data bytes) of an Array's ``dtype`` and ``shape``.
+
+    Cached: a model's arrays repeat the same few (dtype, shape) pairs in every
+    reply, and parsing them was a third of the time it took to view an update.
+    """
+    dt = np.dtype(dtype)
+    count = math.prod(int(d) for d in shape)
+    return dt, count, count * dt.itemsize
 
 
 def array_view(array: Any) -> np.ndarray:
@@ -100,20 +114,19 @@ def array_view(array: Any) -> np.ndarray:
     then the raw buffer, so the data starts ``nbytes`` before the end; the header
     is checked for the magic and for C order, else this falls back to ``numpy()``.
     """
-    dtype = np.dtype(array.dtype)
-    shape = tuple(int(d) for d in array.shape)
+    shape = tuple(array.shape)
+    dtype, _, nbytes = _layout(array.dtype, shape)
     data = array.data
-    count = math.prod(shape)
-    offset = len(data) - count * dtype.itemsize
+    offset = len(data) - nbytes
     if (
         array.stype == "numpy.ndarray"
         and offset > len(NPY_MAGIC)
-        and data[: len(NPY_MAGIC)] == NPY_MAGIC
-        and b"'fortran_order': False" in data[:offset]
         and dtype.kind in "fiub"
+        and data.startswith(NPY_MAGIC)
+        and data.find(_C_ORDER, 0, offset) != -1
     ):
-        view = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-        return view.reshape(shape)
+        # one constructor call (0.6 us) where frombuffer + reshape take 1.4
+        return np.ndarray(shape, dtype, data, offset)
     return np.asarray(array.numpy())
 
 
@@ -134,6 +147,9 @@ def _axpy(x: np.ndarray, p: np.ndarray, scratch: np.ndarray, w: float) -> None:
     np.add(p, scratch, out=p)
 
 
+_PACKED = "\0packed"
+"""Key of the buffer the small float32 arrays of an update are packed into."""
+
 GROUP_BYTES = 256 * 2**20
 """Updates held before a fold: at most this much (and 2 to 32 updates)."""
 
@@ -149,6 +165,10 @@ class StreamingMean:
     ``group`` updates, however many nodes reply. Within a chunk the group's
     weighted sum is formed in float32 (at most ``group`` terms), then added to the
     float64 sums, so hundreds of float32 updates lose no precision.
+    Float32 arrays smaller than a chunk (247 of MobileNetV3's 266, 10% of its
+    values) are packed into one buffer per update as it is added, so the fold
+    makes one call per chunk for them rather than several per array: per-call
+    overhead, not memory, was most of their cost.
     With ``threads`` > 1 the arrays are split into equal shares folded in
     parallel (numpy releases the GIL inside each operation).
     ``result()`` returns arrays of the reference's dtypes (ints rounded).
@@ -165,9 +185,27 @@ class StreamingMean:
         if (group is not None and group < 1) or chunk < 1 or threads < 1:
             raise ValueError("group, chunk and threads must be >= 1")
         self.dtypes = {k: v.dtype for k, v in reference.items()}
+        self.shapes = {k: tuple(v.shape) for k, v in reference.items()}
+        self._packed = [
+            k
+            for k, v in reference.items()
+            if v.dtype == np.float32 and v.size < chunk and v.size > 0
+        ]
+        packed = set(self._packed)
         self.sums = {
-            k: np.zeros(v.shape, dtype=np.float64) for k, v in reference.items()
+            k: np.zeros(v.shape, dtype=np.float64)
+            for k, v in reference.items()
+            if k not in packed
         }
+        self._pack_buffers: list[np.ndarray] = []
+        if len(self._packed) > 1:
+            size = sum(int(reference[k].size) for k in self._packed)
+            self.sums[_PACKED] = np.zeros(size, dtype=np.float64)
+        else:
+            self.sums.update(
+                {k: np.zeros(self.shapes[k], dtype=np.float64) for k in self._packed}
+            )
+            self._packed = []
         update_bytes = sum(v.nbytes for v in reference.values())
         self.group = group or max(2, min(32, GROUP_BYTES // max(update_bytes, 1)))
         self.chunk = chunk
@@ -192,6 +230,20 @@ class StreamingMean:
         """Fold ``arrays`` in with ``weight`` (kept until its group is folded)."""
         if weight <= 0 or not math.isfinite(weight):
             raise ValueError(f"weight must be a positive finite number, got {weight}")
+        if self._packed:
+            arrays = dict(arrays)
+            # into a buffer of this group's, reused: a fresh 2 MB array per update
+            # costs its page faults (and the kernel zeroing them) every time
+            slot = len(self._pending)
+            if slot == len(self._pack_buffers):
+                self._pack_buffers.append(np.empty_like(self.sums[_PACKED], np.float32))
+            arrays[_PACKED] = np.concatenate(
+                [
+                    np.asarray(arrays.pop(k), np.float32).reshape(-1)
+                    for k in self._packed
+                ],
+                out=self._pack_buffers[slot],
+            )
         self._pending.append((arrays, float(weight)))
         self.total_weight += weight
         self.count += 1
@@ -245,9 +297,16 @@ class StreamingMean:
             self._pool.shutdown(wait=False)
             self._pool = None
             self._keys = [[k for share in self._keys for k in share]]
+        sums = dict(self.sums)
+        if self._packed:
+            flat, start = sums.pop(_PACKED), 0
+            for key in self._packed:
+                size = math.prod(self.shapes[key])
+                sums[key] = flat[start : start + size].reshape(self.shapes[key])
+                start += size
         out = {}
-        for key, acc in self.sums.items():
-            mean = acc / self.total_weight
+        for key in self.dtypes:
+            mean = sums[key] / self.total_weight
             dtype = self.dtypes[key]
             if dtype.kind in "iu":
                 mean = np.rint(mean)
