@@ -192,7 +192,7 @@ class StreamingMean:
             if v.dtype == np.float32 and v.size < chunk and v.size > 0
         ]
         packed = set(self._packed)
-        self.sums = {
+        self.sums: dict[str, np.ndarray] = {
             k: np.zeros(v.shape, dtype=np.float64)
             for k, v in reference.items()
             if k not in packed

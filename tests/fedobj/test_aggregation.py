@@ -123,3 +123,49 @@ def test_streaming_mean_groups_chunks_and_threads_agree(kwargs) -> None:  # type
         expected = sum(a[k].astype(np.float64) * w for a, w in ups) / total
         np.testing.assert_allclose(got[k], expected, rtol=1e-6, atol=1e-6)
         assert got[k].dtype == np.float32
+
+
+@pytest.mark.parametrize("kwargs", [{"group": 2}, {"group": 4, "threads": 2}, {}])
+def test_small_arrays_packed_per_update_fold_back_to_their_keys(kwargs) -> None:  # type: ignore[no-untyped-def]
+    """Arrays under a chunk are packed into one buffer per update (reused between
+    groups); each comes back under its own key, shape and dtype, exactly averaged,
+    next to large, integer, scalar and empty arrays that are not packed."""
+    rng = np.random.default_rng(2)
+    ref = {
+        "conv": np.zeros((8, 3, 3, 3), np.float32),  # 216 values: packed
+        "bias": np.zeros(8, np.float32),  # packed
+        "scale": np.zeros((), np.float32),  # a scalar: packed
+        "empty": np.zeros((0, 4), np.float32),  # nothing to pack
+        "steps": np.zeros(2, np.int64),  # integer: never packed
+        "fc": np.zeros((40, 30), np.float32),  # 1,200 values >= chunk: not packed
+    }
+    ups = [
+        (
+            {
+                k: (
+                    rng.integers(0, 50, v.shape)
+                    if v.dtype.kind == "i"
+                    else rng.normal(size=v.shape)
+                ).astype(v.dtype)
+                for k, v in ref.items()
+            },
+            float(w),
+        )
+        for w in rng.integers(1, 100, size=9)
+    ]
+    mean = StreamingMean(ref, chunk=1000, **kwargs)
+    assert sorted(mean._packed) == ["bias", "conv", "scale"]
+    for arrays, w in ups:
+        mean.add(arrays, w)
+    got = mean.result()
+    assert list(got) == list(ref)
+    total = sum(w for _, w in ups)
+    for k, v in ref.items():
+        assert got[k].shape == v.shape and got[k].dtype == v.dtype
+        expected = sum(a[k].astype(np.float64) * w for a, w in ups) / total
+        if v.dtype.kind == "i":
+            np.testing.assert_array_equal(got[k], np.rint(expected))
+        else:
+            np.testing.assert_allclose(got[k], expected, rtol=1e-6, atol=1e-6)
+    # the caller's dicts are left as they were (packing works on a copy)
+    assert set(ups[0][0]) == set(ref)
