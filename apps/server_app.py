@@ -263,6 +263,7 @@ def _run_with_catalog(
         lr_restart_on_growth=cfg.lr_restart_on_growth,
         central_dp=cfg.central_dp,
         overlap=cfg.overlap_rounds,
+        dispatch_stagger=cfg.dispatch_stagger,
         calibration=(
             CalibrationSettings(
                 cfg.calibration_samples,

@@ -30,7 +30,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from apps.central_dp import PROVENANCE_KEY, spend, wrap_central_dp
 from apps.exchange import NodeOutcome as NodeResult
-from apps.exchange import ReplyFolder, exchange, missing, outcome_of
+from apps.exchange import ReplyFolder, dispatch_plan, exchange, missing, outcome_of
 from apps.perffedavg import PerfFedAvg
 from apps.records import put_model_context
 from fedobj import keys
@@ -179,6 +179,10 @@ class CatalogStrategy(Strategy):
     central_dp
         The ``central-dp`` mode ``inner`` is wrapped for; train messages carry it
         so nodes weigh their replies equally and clip where the mode says.
+    dispatch_stagger
+        Push train messages longest-first (by each node's last training time),
+        this many seconds apart, so that a Ray simulation's workers take them in
+        that order (:func:`apps.exchange.dispatch_plan`); 0 pushes all at once.
     overlap
         Finish round N (centralised evaluation, checkpoint, version, catalog rows,
         ``on_round``) in a worker thread while round N+1 trains: the nodes do not
@@ -213,6 +217,7 @@ class CatalogStrategy(Strategy):
         central_dp: str = "none",
         overlap: bool = False,
         calibration: CalibrationSettings | None = None,
+        dispatch_stagger: float = 0.0,
     ) -> None:
         if promote not in ("latest", "best"):
             raise ValueError(f"promote must be 'latest' or 'best', got {promote!r}")
@@ -257,6 +262,10 @@ class CatalogStrategy(Strategy):
         self.distill_classes = 0
         self.distill_until = 0
         self.calibration = calibration
+        self.dispatch_stagger = dispatch_stagger
+        # each node's training seconds in the last round (its replies only, so
+        # bounded by a round's sample): the order of the next round's pushes
+        self.last_train_seconds: dict[int, float] = {}
 
     # ------------------------------------------------------------ Flower's hooks
 
@@ -539,15 +548,24 @@ class CatalogStrategy(Strategy):
             stream=self.streams,
             perf_alpha=getattr(self.base, "perf_alpha", None),
         )
+        messages, stagger = dispatch_plan(
+            messages, self.last_train_seconds, self.dispatch_stagger
+        )
         exchange(
             grid,
             messages,
             timeout,
             folder,
             on_missing=functools.partial(folder.missed, timeout=timeout),
+            stagger=stagger,
         )
         del messages
         report.train, report.rejected = folder.outcomes, folder.rejected
+        self.last_train_seconds = {
+            o.node_id: float(o.metrics[keys.TRAIN_SECONDS])
+            for o in folder.outcomes
+            if o.failure is None and keys.TRAIN_SECONDS in o.metrics
+        }
         for bad in report.rejected:
             log.warning(
                 "round %d: reply from node %d rejected: %s",

@@ -106,6 +106,7 @@ class RunConfig:
     central_dp_delta: float = 1e-5
     resume: bool = False
     overlap_rounds: bool = False
+    dispatch_stagger: float = 0.0
     allow_concurrent_runs: bool = False
     lease_ttl: float = 1800.0
     secagg: bool = False
@@ -185,6 +186,11 @@ class RunConfig:
         )
         need(0 < self.new_node_fraction < 1, "new-node-fraction", "must be in (0, 1)")
         need(self.lease_ttl > 0, "lease-ttl", "must be > 0")
+        need(
+            0 <= self.dispatch_stagger <= 1,
+            "dispatch-stagger",
+            "must be between 0 (off) and 1 second",
+        )
         need(self.dp_epsilon > 0, "dp-epsilon", "must be > 0")
         need(0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)")
         need(self.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be > 0")

@@ -312,6 +312,12 @@ def main() -> None:
     )
     ap.add_argument("--port-base", type=int, default=39591, help="uses 4 ports")
     ap.add_argument(
+        "--dispatch-stagger",
+        type=float,
+        default=0.12,
+        help="ours: push train messages longest-first this many s apart (0: off)",
+    )
+    ap.add_argument(
         "--log-dir",
         type=Path,
         default=None,
@@ -333,9 +339,12 @@ def main() -> None:
         f"lr-schedule-rounds={args.lr_schedule_rounds} momentum=0.9 "
         "weight-decay=0.0005 client-threads=1"
     )
+    # dispatch-stagger: our simulation setting (longest node first; not a
+    # hyper-parameter: the nodes train the same, in another order)
     ours_only = (
         'strategy="fedavg" partitioner="dirichlet" model="cnn" norm="group" '
-        'lr-schedule="cosine" augment=false central-eval=true'
+        'lr-schedule="cosine" augment=false central-eval=true '
+        f"dispatch-stagger={args.dispatch_stagger}"
     )
     p = args.port_base
     specs = {

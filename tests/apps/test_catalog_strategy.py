@@ -48,6 +48,7 @@ class ScriptedGrid:
         self.evaluate = evaluate
         self.sent: dict[int, list[Message]] = {}
         self.after_round: dict[int, Callable[[], None]] = {}
+        self.outbox: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
@@ -79,10 +80,11 @@ class ScriptedGrid:
         messages = list(messages)
         for msg in messages:  # as Flower's grids do when they push
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-        self.outbox = list(self.send_and_receive(messages))
-        for msg, reply in zip(messages, self.outbox, strict=True):
+        replies = list(self.send_and_receive(messages))
+        for msg, reply in zip(messages, replies, strict=True):
             # a scripted reply may be built for another instruction (error_reply)
             reply.metadata.__dict__["_reply_to_message_id"] = msg.metadata.message_id
+        self.outbox = self.outbox + replies  # pushes may come one message at a time
         return [m.metadata.message_id for m in messages]
 
     def pull_messages(self, message_ids):  # noqa: ANN001
@@ -531,3 +533,43 @@ def test_the_head_is_calibrated_on_the_nodes_feature_statistics(
     assert "feature statistics of node 13 left out: feature stats 'count'" in text
     assert "head calibrated on 600 virtual features of 6 classes" in text
     assert "(statistics from 2 nodes)" in text
+
+
+def test_train_messages_go_out_longest_node_first_from_round_two(setup) -> None:  # noqa: ANN001
+    """With ``dispatch-stagger``, round 2's pushes follow round 1's training times
+    (longest first), one message per push; without it, one push for the round."""
+    catalog, store, args, initial = setup
+    seconds = {11: 1.0, 12: 5.0, 13: 3.0}
+    base = plus(1.0)
+
+    def timed(rnd: int, node: int, msg: Message) -> Message:
+        out = base(rnd, node, msg)
+        out.content.metric_records[keys.METRICS][keys.TRAIN_SECONDS] = seconds[node]
+        return out
+
+    for stagger, round_two in ((0.12, [1, 1, 1]), (0.0, [3])):
+        grid = ScriptedGrid(timed)
+        calls: list[int] = []
+        push = grid.push_messages
+
+        def counting_push(messages, push=push, calls=calls):  # noqa: ANN001
+            messages = list(messages)
+            if messages[0].metadata.message_type == MessageType.TRAIN:
+                calls.append(len(messages))
+            return push(messages)
+
+        grid.push_messages = counting_push  # type: ignore[method-assign]
+        strategy = make(
+            FedAvg(min_available_nodes=3, min_train_nodes=3),
+            catalog,
+            store,
+            args,
+            overlap=False,
+            dispatch_stagger=stagger,
+            evaluate_fn=lambda r, a, cm: {"accuracy": 0.5},
+        )
+        strategy.start(grid, initial, num_rounds=2)
+        assert [m.metadata.dst_node_id for m in grid.sent[2]] == [12, 13, 11]
+        assert strategy.last_train_seconds == seconds
+        # round 1 knows no times: one push; round 2: one push per message if staggered
+        assert calls == [3, *round_two]

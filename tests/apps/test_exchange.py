@@ -8,7 +8,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from apps.exchange import ReplyFolder, exchange
+from apps.exchange import ReplyFolder, dispatch_plan, exchange
 from fedobj import keys
 from fedobj.aggregation import perf_fedavg_weights
 from tests.apps.helpers import error_reply, instruction, reply, set_task_identity
@@ -140,10 +140,13 @@ class SlowGrid:
         self.clock = clock
         self.delays = delays
         self.due: list[tuple[float, Message]] = []
+        self.pushed: list[tuple[float, int]] = []  # (time, node) per message
 
     def push_messages(self, messages):  # noqa: ANN001
         ids = []
-        for i, msg in enumerate(messages):
+        for msg in messages:
+            i = len(self.pushed)
+            self.pushed.append((self.clock.now, msg.metadata.dst_node_id))
             msg.metadata.__dict__["_message_id"] = f"m{i}"
             ids.append(f"m{i}")
             delay = self.delays[msg.metadata.dst_node_id]
@@ -181,3 +184,43 @@ def test_exchange_hands_replies_over_as_they_arrive_and_times_out() -> None:
     assert 4.1 <= seen[1][1] <= 4.1 + 0.5
     assert clock.now == pytest.approx(30.0)  # the silent node costs the timeout
     assert max(clock.sleeps) <= 0.5
+
+
+def test_dispatch_plan_orders_longest_first_and_staggers_only_when_safe() -> None:
+    msgs = [instruction(n) for n in (1, 2, 3, 4)]
+    last = {1: 2.0, 2: 9.0, 3: 4.5, 4: 1.0}
+    ordered, stagger = dispatch_plan(msgs, last, 0.12)
+    assert [m.metadata.dst_node_id for m in ordered] == [2, 3, 1, 4]
+    assert stagger == 0.12  # 3 x 0.12 s of pushes <= half of 9 s
+    # a node without a time (new, or it failed last round) goes first, no stagger
+    ordered, stagger = dispatch_plan(msgs, {1: 2.0, 3: 4.5}, 0.12)
+    assert [m.metadata.dst_node_id for m in ordered] == [2, 4, 3, 1]
+    assert stagger == 0.0
+    # pushes that would take longer than half the longest node: all at once
+    assert dispatch_plan(msgs, last, 2.0)[1] == 0.0
+    assert dispatch_plan(msgs, last, 0.0) == (ordered_by(msgs, [2, 3, 1, 4]), 0.0)
+    assert dispatch_plan(msgs[:1], last, 0.12)[1] == 0.0
+
+
+def ordered_by(msgs: list[Message], nodes: list[int]) -> list[Message]:
+    by_node = {m.metadata.dst_node_id: m for m in msgs}
+    return [by_node[n] for n in nodes]
+
+
+def test_staggered_exchange_pushes_one_at_a_time_in_order() -> None:
+    clock = FakeClock()
+    grid = SlowGrid(clock, {1: 3.0, 2: 1.0, 3: 2.0})
+    seen: list[int] = []
+    got = exchange(
+        grid,  # type: ignore[arg-type]
+        [instruction(n) for n in (3, 1, 2)],
+        timeout=30.0,
+        on_reply=lambda m: seen.append(m.metadata.src_node_id),
+        stagger=0.12,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    assert got == 3
+    assert [n for _, n in grid.pushed] == [3, 1, 2]
+    assert [t for t, _ in grid.pushed] == pytest.approx([0.0, 0.12, 0.24])
+    assert clock.now <= 3.12 + 0.5  # the last reply (due at 3.12) within one poll
