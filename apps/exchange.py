@@ -78,7 +78,6 @@ def exchange(
     schedule can be tested.
     """
     messages = list(messages)
-    deadline = clock() + timeout
     # the Grid writes each message's id into it as it pushes; a message it could
     # not push gets no id back ("" or None), and no reply will come for it
     if stagger > 0 and len(messages) > 1:
@@ -91,6 +90,7 @@ def exchange(
         pending = {mid for mid in grid.push_messages(messages) if mid}
     node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     del messages
+    deadline = clock() + timeout  # from the last push: staggering costs no node time
     wait = POLL_FIRST_S
     received = 0
     while pending:
@@ -135,19 +135,22 @@ def dispatch_plan(
     """Train messages longest-first, and the push interval to use (0: all at once).
 
     Why: in a Ray simulation Flower 1.41 queues the messages it finds for the
-    workers in node order, one pass every 0.1 s (``vce_api.add_messages_to_queue``),
-    so with unequal partitions a long node often starts last and one worker trains
-    it while the other idles. Pushed longest-first and ``stagger`` (> 0.1 s) apart,
-    they are queued in that order: longest-processing-time-first, within a few
-    percent of a perfect split (10 Dirichlet-0.5 nodes on 2 workers: 27,234 images
-    on the busier worker against 29,606 in node order, 26,998 ideal).
+    workers in node order, one pass over the nodes and then a 0.1 s wait
+    (``vce_api.add_messages_to_queue``), so with unequal partitions a long node
+    often starts last and one worker trains it while the other idles. Pushed
+    longest-first and ``stagger`` apart (more than a pass and its wait: 0.12 s for
+    tens of nodes), they are queued in that order: longest-processing-time-first,
+    within a few percent of a perfect split (10 Dirichlet-0.5 nodes on 2 workers:
+    27,234 images on the busier worker against 29,606 in node order, 26,998 ideal).
 
     The order comes from each node's training time in the last round (nodes
-    without one first, as given). Staggering is used only when every node has
+    without one first, as given); with ``stagger`` 0 they are still ordered so,
+    and pushed at once. Staggering is used only when every node has
     one and the pushes end within half the longest: so it never delays a round
     much, and in a deployment (where every node pulls its own message) it is
     best left off (``dispatch-stagger=0``, the default).
     """
+    messages = list(messages)
     unknown = [m for m in messages if m.metadata.dst_node_id not in last_seconds]
     known = sorted(
         (m for m in messages if m.metadata.dst_node_id in last_seconds),

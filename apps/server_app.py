@@ -22,7 +22,6 @@ from apps.run_lease import held_lease
 from apps.secagg import catalog_strategy_class
 from apps.strategy import RoundReport, make_inner_strategy
 from fedobj import keys
-from fedobj.allocator import retain_freed_memory
 from fedobj.calibration import CalibrationSettings
 from fedobj.catalog import SyncCatalog
 from fedobj.classmap import ClassMap
@@ -153,7 +152,6 @@ def run(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config)
     run_id = str(context.run_id)
     torch.manual_seed(cfg.seed)
-    retain_freed_memory()  # the central evaluation's buffers (fedobj/allocator.py)
     outputs_root = cfg.resolve_outputs_dir()
     outputs_root.mkdir(parents=True, exist_ok=True)
     catalog = open_catalog(cfg, outputs_root)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -140,6 +141,24 @@ def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def last_train_seconds(outcomes: list[NodeResult]) -> dict[int, float]:
+    """Each replying node's training time (0 for a node with nothing to train).
+
+    Only this round's replies: bounded by the round's sample, nothing kept per
+    node across the run. Non-finite or negative times are left out (unknown).
+    """
+    out: dict[int, float] = {}
+    for o in outcomes:
+        if o.failure is not None:
+            continue
+        value = o.metrics.get(keys.TRAIN_SECONDS)
+        if value is None and o.metrics.get(keys.NUM_EXAMPLES) == 0:
+            value = 0.0
+        if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
+            out[o.node_id] = float(value)
+    return out
 
 
 class CatalogStrategy(Strategy):
@@ -561,11 +580,7 @@ class CatalogStrategy(Strategy):
         )
         del messages
         report.train, report.rejected = folder.outcomes, folder.rejected
-        self.last_train_seconds = {
-            o.node_id: float(o.metrics[keys.TRAIN_SECONDS])
-            for o in folder.outcomes
-            if o.failure is None and keys.TRAIN_SECONDS in o.metrics
-        }
+        self.last_train_seconds = last_train_seconds(folder.outcomes)
         for bad in report.rejected:
             log.warning(
                 "round %d: reply from node %d rejected: %s",

@@ -29,8 +29,9 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 """``mallopt`` parameter numbers, from glibc's ``malloc.h``."""
 
-MMAP_THRESHOLD = 64 << 20
-"""Allocations below 64 MiB come from the heap (a step's largest is ~4 MB)."""
+MMAP_THRESHOLD = 32 << 20
+"""Allocations below 32 MiB come from the heap (a step's largest is ~4 MB); 32 MiB
+is the largest value every glibc accepts (``DEFAULT_MMAP_THRESHOLD_MAX``)."""
 TRIM_THRESHOLD = 256 << 20
 """Up to 256 MiB of free memory at the heap's top is kept, not returned."""
 
@@ -52,9 +53,14 @@ def retain_freed_memory(
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    applied = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(
-        mallopt(M_TRIM_THRESHOLD, trim_threshold)
-    )
-    if not applied:
-        log.warning("mallopt refused the heap thresholds; training runs as is")
-    return applied
+    refused = [
+        name
+        for name, param, value in (
+            ("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD, mmap_threshold),
+            ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, trim_threshold),
+        )
+        if not mallopt(param, value)
+    ]
+    if refused:
+        log.warning("mallopt refused %s; the heap keeps glibc's behaviour", refused)
+    return not refused

@@ -34,7 +34,7 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
     if not patterns:
         return app_dir
     tops = {str(p).lstrip("/").split("/", 1)[0] for p in patterns}
-    if any(_GLOB & set(top) for top in tops) or "" in tops or ".." in tops:
+    if any(_GLOB & set(top) for top in tops) or tops & {"", ".", ".."}:
         return app_dir
     if dest.exists():
         shutil.rmtree(dest)
@@ -43,7 +43,8 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
     for name in sorted(tops | {".gitignore"}):
         src = app_dir / name
         if src.is_dir() and not src.is_symlink():
-            shutil.copytree(src, dest / name, ignore=_IGNORE)
+            # links copied as links: Flower's walk skips them, as it does here
+            shutil.copytree(src, dest / name, ignore=_IGNORE, symlinks=True)
         elif src.is_file() and not src.is_symlink():
             shutil.copy2(src, dest / name)
     return dest

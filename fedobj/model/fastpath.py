@@ -18,8 +18,12 @@ the effect on whole runs):
   as ``bernoulli_``, drawn 2.6x faster.
 
 Anything but the exact ``SmallCNN`` layout (a subclass, another architecture, a
-changed block) runs its own ``forward``: :func:`fast_forward` returns the module
-itself. The model's parameters, state-dict keys and ``forward`` are untouched,
+changed block, a forward hook on a module the fast path does not call: the model,
+a ``Sequential``, ReLU, Dropout, Flatten) runs its own ``forward``:
+:func:`fast_forward` returns the module itself. "Exact" means the same function
+and gradients; the dropout mask is drawn from the same distribution but another
+random stream, so a seeded run does not repeat a run made before this path.
+The model's parameters, state-dict keys and ``forward`` are untouched,
 so checkpoints, ONNX export and Opacus (which needs module calls) see the plain
 model; the differential-privacy path does not use this.
 """
@@ -39,6 +43,14 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 _BLOCK = (nn.Conv2d, (nn.GroupNorm, nn.BatchNorm2d), nn.ReLU, nn.MaxPool2d)
 _HIDDEN = (nn.Flatten, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout)
+_CALLED = (
+    nn.Conv2d,
+    nn.GroupNorm,
+    nn.BatchNorm2d,
+    nn.MaxPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Linear,
+)
 
 
 def fast_forward(model: nn.Module) -> Forward:
@@ -68,6 +80,8 @@ class _SmallCnnPlan:
     def of(cls, model: nn.Module) -> _SmallCnnPlan | None:
         if type(model) is not SmallCNN:
             return None
+        if any(_hooked(m) for m in model.modules() if not _called_here(m)):
+            return None  # a hook on a module the fast path does not call
         blocks = [list(b.children()) for b in model.features.children()]
         hidden = list(model.hidden.children())
         if not blocks or not all(_layout(b, _BLOCK) for b in blocks):
@@ -102,6 +116,25 @@ class _SmallCnnPlan:
         x = dropout(torch.relu_(self.hidden(x)), self.drop[1], training)
         logits: torch.Tensor = self.classifier(x)
         return logits
+
+
+def _called_here(module: nn.Module) -> bool:
+    """Layers the fast path still calls as modules (their hooks fire)."""
+    return isinstance(
+        module,
+        (
+            nn.Conv2d,
+            nn.GroupNorm,
+            nn.BatchNorm2d,
+            nn.MaxPool2d,
+            nn.AdaptiveAvgPool2d,
+            nn.Linear,
+        ),
+    )
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _layout(mods: list[nn.Module], kinds: tuple[type | tuple[type, ...], ...]) -> bool:

@@ -573,3 +573,16 @@ def test_train_messages_go_out_longest_node_first_from_round_two(setup) -> None:
         assert strategy.last_train_seconds == seconds
         # round 1 knows no times: one push; round 2: one push per message if staggered
         assert calls == [3, *round_two]
+
+
+def test_last_train_seconds_counts_empty_nodes_and_drops_bad_times() -> None:
+    from apps.strategy import NodeResult, last_train_seconds
+
+    outcomes = [
+        NodeResult(1, metrics={keys.TRAIN_SECONDS: 4.0, keys.NUM_EXAMPLES: 9}),
+        NodeResult(2, metrics={keys.NUM_EXAMPLES: 0}),  # nothing to train: 0 s
+        NodeResult(3, metrics={keys.TRAIN_SECONDS: float("nan")}),
+        NodeResult(4, metrics={keys.TRAIN_SECONDS: -1.0}),
+        NodeResult(5, metrics={keys.TRAIN_SECONDS: 2.0}, failure="error"),
+    ]
+    assert last_train_seconds(outcomes) == {1: 4.0, 2: 0.0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,7 @@ PROBE = textwrap.dedent(
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = (ctypes.c_void_p,)
     before = rss_kib()
-    size = 32 << 20  # 32 MiB, touched so it is resident
+    size = 16 << 20  # 16 MiB (under the 32 MiB threshold), touched: resident
     buf = libc.malloc(size)
     ctypes.memset(buf, 1, size)
     libc.free(buf)
@@ -39,11 +40,19 @@ def _probe(mode: str) -> tuple[bool, int]:
     return out[0] == "True", int(out[1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def _glibc() -> bool:
+    try:
+        ctypes.CDLL("libc.so.6").gnu_get_libc_version  # noqa: B018
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc only")
 def test_freed_buffers_stay_resident_only_when_retained() -> None:
     applied, kept_kib = _probe("on")
     assert applied
-    assert kept_kib > 30 * 1024  # the 32 MiB stayed in the heap
+    assert kept_kib > 15 * 1024  # the 16 MiB stayed in the heap
     applied, kept_kib = _probe("off")
     assert not applied
     assert kept_kib < 4 * 1024  # glibc's default: mmap-ed, returned on free

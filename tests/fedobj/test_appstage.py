@@ -47,7 +47,12 @@ def _app(tmp_path: Path, include: str) -> Path:
 
 
 def test_apps_whose_bundle_cannot_be_told_are_not_staged(tmp_path: Path) -> None:
-    for include in ("", "fab-include = ['**/*.py']", "fab-include = ['../x/**']"):
+    for include in (
+        "",
+        "fab-include = ['**/*.py']",
+        "fab-include = ['../x/**']",
+        "fab-include = ['./pkg/**']",
+    ):
         app = _app(tmp_path, include)
         assert stage_app(app, tmp_path / "app") == app
         assert not (tmp_path / "app").exists()

@@ -74,8 +74,18 @@ def test_other_models_run_their_own_forward() -> None:
     changed.hidden[1] = nn.Identity()  # a layout the fast path does not know
     mobilenet = build_model(ModelArgs("mobilenet_v3_small", 4, 3, 32, "group"))
     sub = Subclassed(ModelArgs())
-    for model in (changed, mobilenet, sub):
+    hooked = _model()
+    hooked.hidden[3].register_forward_hook(lambda m, i, o: None)  # the hidden ReLU
+    for model in (changed, mobilenet, sub, hooked):
         assert fast_forward(model) is model
+    # a hook on a layer the fast path calls as a module keeps it (and fires)
+    fired: list[int] = []
+    conv_hooked = _model().eval()
+    conv_hooked.features[0][0].register_forward_hook(lambda m, i, o: fired.append(1))
+    forward = fast_forward(conv_hooked)
+    assert forward is not conv_hooked
+    forward(torch.randn(2, 1, 28, 28))
+    assert fired == [1]
 
 
 def test_dropout_keeps_one_minus_p_and_rescales() -> None:
@@ -96,3 +106,29 @@ def test_dropout_gradient_is_the_mask() -> None:
     out.sum().backward()
     assert x.grad is not None
     torch.testing.assert_close(x.grad, (out.detach() != 0).float() * 2.0)
+
+
+@pytest.mark.parametrize("p1,p2", [(0.5, 0.0), (0.0, 0.5)])
+def test_each_dropout_sits_where_the_module_puts_it(p1: float, p2: float) -> None:
+    """The share of zeros reaching the hidden Linear and the classifier matches the
+    module's own forward, dropout by dropout (a swapped or moved dropout would not)."""
+    model = _model().train()
+    model.hidden[1].p, model.hidden[4].p = p1, p2
+    seen: dict[str, list[float]] = {"hidden": [], "classifier": []}
+
+    def record(name: str):  # noqa: ANN202
+        return lambda m, inputs, out: seen[name].append(
+            float((inputs[0] == 0).float().mean())
+        )
+
+    model.hidden[2].register_forward_hook(record("hidden"))
+    model.classifier.register_forward_hook(record("classifier"))
+    x = torch.randn(256, 1, 28, 28)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        model(x)
+        forward = fast_forward(model)
+        assert forward is not model  # hooks on Linear layers keep the fast path
+        forward(x)
+    for name, (plain, fast) in seen.items():
+        assert abs(plain - fast) < 0.02, (name, plain, fast)
