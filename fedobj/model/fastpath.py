@@ -120,17 +120,7 @@ class _SmallCnnPlan:
 
 def _called_here(module: nn.Module) -> bool:
     """Layers the fast path still calls as modules (their hooks fire)."""
-    return isinstance(
-        module,
-        (
-            nn.Conv2d,
-            nn.GroupNorm,
-            nn.BatchNorm2d,
-            nn.MaxPool2d,
-            nn.AdaptiveAvgPool2d,
-            nn.Linear,
-        ),
-    )
+    return isinstance(module, _CALLED)
 
 
 def _hooked(module: nn.Module) -> bool:
