@@ -28,6 +28,7 @@ the node is counted as failed, with its id and why (:class:`NodeOutcome`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -214,11 +215,10 @@ def outcome_of(msg: Message) -> NodeOutcome:
     return NodeOutcome(node, values, labels=labels)
 
 
-def checked_update(
-    msg: Message, shapes: dict[str, tuple[int, ...]]
-) -> tuple[dict[str, np.ndarray], None] | tuple[None, str]:
-    """A train reply's arrays (zero-copy views) if it may be aggregated
-    (contract 5), else None and the reason."""
+def reply_weight(msg: Message) -> tuple[float, None] | tuple[None, str]:
+    """A train reply's example count if it is a reply that may be aggregated
+    at all (no error, model arrays, a positive finite count; contract 5), else
+    None and the reason. Its arrays are checked where they are folded."""
     if msg.has_error():
         return None, f"error reply: {msg.error.reason}"
     content = msg.content
@@ -226,11 +226,11 @@ def checked_update(
         return None, "reply has no model arrays"
     metrics = content.metric_records.get(keys.METRICS)
     n = metrics.get(keys.NUM_EXAMPLES) if metrics is not None else None
-    arrays = {k: array_view(v) for k, v in content.array_records[keys.ARRAYS].items()}
-    reason = validate_update(
-        arrays, shapes, float(n) if isinstance(n, (int, float)) else float("nan")
-    )
-    return (None, reason) if reason is not None else (arrays, None)
+    if not (isinstance(n, (int, float)) and math.isfinite(n)):
+        return None, f"num-examples is not a finite number ({n!r})"
+    if n <= 0:
+        return None, f"num-examples must be > 0, got {n}"
+    return float(n), None
 
 
 class ReplyFolder:
@@ -270,13 +270,25 @@ class ReplyFolder:
         self._reported = 0  # replies that reported an accuracy, zeros included
         self._metric_sums: dict[str, float] = {}
         self._metric_weights: dict[str, float] = {}
+        # per folded reply (tag: its place in outcomes, from 1): n and metrics,
+        # to take them back out if its values turn out not to be finite
+        self._numbers: dict[int, tuple[float, dict[str, float]]] = {}
 
     def __call__(self, msg: Message) -> None:
         """Take one reply: record it, reject it with a reason, or fold it in."""
         outcome = outcome_of(msg)
         self.outcomes.append(outcome)
-        arrays, reason = checked_update(msg, self.shapes)
-        if arrays is None:
+        n, reason = reply_weight(msg)
+        tag = len(self.outcomes)
+        if n is not None:
+            record = msg.content.array_records[keys.ARRAYS]
+            if self.stream:
+                # names and shapes checked now, values as they are folded in
+                reason = self._mean("_by_n").add_record(record, n, tag)
+            else:
+                views = {k: array_view(v) for k, v in record.items()}
+                reason = validate_update(views, self.shapes, n)
+        if n is None or reason is not None:
             failure = outcome.failure or "invalid"
             self.rejected.append(
                 NodeOutcome(outcome.node_id, error=reason, failure=failure)
@@ -290,21 +302,55 @@ class ReplyFolder:
             self.valid.append(msg)
             return
         metrics = msg.content.metric_records[keys.METRICS]
-        n = float(metrics[keys.NUM_EXAMPLES])  # type: ignore[arg-type]
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != keys.NUM_EXAMPLES:
-                self._metric_sums[key] = self._metric_sums.get(key, 0.0) + n * value
-                self._metric_weights[key] = self._metric_weights.get(key, 0.0) + n
-        self._fold("_by_n", arrays, n)
+        numbers = {
+            key: float(value)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and key != keys.NUM_EXAMPLES
+        }
+        self._numbers[tag] = (n, numbers)
+        self._count_metrics(n, numbers, 1)
         if self.perf_alpha is not None and self.perf_alpha < 1.0:
             acc = metrics.get(keys.LOCAL_ACCURACY)
             if isinstance(acc, (int, float)):
                 self._reported += 1
                 if acc > 0:  # a zero weight adds nothing to the sum
                     self._acc_sum += float(acc)
-                    self._fold("_by_acc", arrays, float(acc))
+                    self._mean("_by_acc").add_record(record, float(acc), tag)
             else:
-                self._fold("_no_acc", arrays, 1.0)
+                self._mean("_no_acc").add_record(record, 1.0, tag)
+
+    def _count_metrics(self, n: float, numbers: dict[str, float], sign: int) -> None:
+        for key, value in numbers.items():
+            self._metric_sums[key] = self._metric_sums.get(key, 0.0) + sign * n * value
+            self._metric_weights[key] = self._metric_weights.get(key, 0.0) + sign * n
+
+    def finish(self) -> None:
+        """Fold what is still pending and take out the replies found then to hold
+        NaN or infinite values: rejected, with the reason, like any other.
+
+        Call it before reading ``rejected`` or ``valid_count``: values are
+        checked as they are folded (see ``StreamingMean.add_record``).
+        """
+        refused: dict[int, str] = {}
+        for name in ("_by_n", "_by_acc", "_no_acc"):
+            mean: StreamingMean | None = getattr(self, name)
+            if mean is not None:
+                refused.update({t: r for t, r in mean.flush() if t not in refused})
+        for tag, reason in sorted(refused.items()):
+            outcome = self.outcomes[tag - 1]
+            self.rejected.append(
+                NodeOutcome(outcome.node_id, error=reason, failure="invalid")
+            )
+            self.valid_count -= 1
+            n, numbers = self._numbers.pop(tag)
+            self._count_metrics(n, numbers, -1)
+            # every mean it went into refused it too (the same values)
+            acc = numbers.get(keys.LOCAL_ACCURACY)
+            perf = self.perf_alpha is not None and self.perf_alpha < 1.0
+            if perf and acc is not None:
+                self._reported -= 1
+                if acc > 0:
+                    self._acc_sum -= acc
 
     def missed(self, node_id: int, timeout: float) -> None:
         """Count a node that did not reply in time (``exchange``'s ``on_missing``)."""
@@ -312,12 +358,12 @@ class ReplyFolder:
         self.outcomes.append(outcome)
         self.rejected.append(outcome)
 
-    def _fold(self, name: str, arrays: dict[str, np.ndarray], weight: float) -> None:
+    def _mean(self, name: str) -> StreamingMean:
         mean: StreamingMean | None = getattr(self, name)
         if mean is None:
             mean = StreamingMean(self.reference)
             setattr(self, name, mean)
-        mean.add(arrays, weight)
+        return mean
 
     def aggregate(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The weighted mean of every folded reply and the weighted train metrics."""

@@ -579,6 +579,7 @@ class CatalogStrategy(Strategy):
             stagger=stagger,
         )
         del messages
+        folder.finish()  # values are checked as they are folded: before counting
         report.train, report.rejected = folder.outcomes, folder.rejected
         self.last_train_seconds = last_train_seconds(folder.outcomes)
         for bad in report.rejected:

@@ -9,10 +9,14 @@ process, times three weighted means of the same records:
   (what FedAvg runs): ``Array.numpy()`` (a copy), ``* weight`` (a temporary),
   ``+=``, per update and array;
 - ``naive_numpy``: one plain pass, ``acc += arr.numpy() * w`` in float32;
-- ``fedobj``: :class:`fedobj.aggregation.StreamingMean` over zero-copy views of
-  the records' bytes (:func:`fedobj.aggregation.array_view`), up to 12 updates
-  (256 MiB) folded at a time in cache-sized chunks into float64 sums, the small
-  arrays of each update packed into one buffer;
+- ``fedobj``: what the server runs, :meth:`fedobj.aggregation.StreamingMean.add_record`
+  per reply: each array's bytes checked against the ``np.save`` header of the
+  broadcast array (name, shape and dtype in one comparison), the small arrays'
+  bytes copied into one buffer per update, the large ones viewed in place, every
+  value checked finite (a BLAS dot product per array), then up to 12 updates
+  (256 MiB) folded at a time in cache-sized chunks into float64 sums. Flower's
+  checks nothing; ``fedobj_unchecked`` skips the finite-value scan (names and
+  shapes are still checked), ``fedobj_2_threads`` folds with 2 threads;
 - ``read_once`` (1 and 2 threads): a floor for a pass that visits the records
   array by array — every update's values summed by ``torch.sum`` (vectorised,
   parallel with 2 threads), nothing else. It pays the same per-array calls as
@@ -92,13 +96,23 @@ def naive_numpy(replies: list[RecordDict]) -> Arrays:
     return acc
 
 
-def fedobj_streaming(replies: list[RecordDict]) -> Arrays:
+def fedobj_streaming(replies: list[RecordDict], threads: int = 1) -> Arrays:
     first = replies[0].array_records["arrays"]
-    mean = StreamingMean({k: array_view(v) for k, v in first.items()})
+    mean = StreamingMean({k: array_view(v) for k, v in first.items()}, threads=threads)
     for reply, w in zip(replies, weights_of(replies), strict=True):
         record = reply.array_records["arrays"]
-        mean.add({k: array_view(v) for k, v in record.items()}, w)
+        reason = mean.add_record(record, w)
+        if reason is not None:
+            raise AssertionError(reason)
+    if refused := mean.flush():
+        raise AssertionError(refused)
+    if mean.general_path:
+        raise AssertionError(f"{mean.general_path} records missed the fast path")
     return mean.result()
+
+
+def fedobj_2_threads(replies: list[RecordDict]) -> Arrays:
+    return fedobj_streaming(replies, threads=2)
 
 
 def _read(records: list[RecordDict]) -> float:
@@ -176,6 +190,7 @@ def main() -> None:
         ("flower", flower),
         ("naive_numpy", naive_numpy),
         ("fedobj", fedobj_streaming),
+        ("fedobj_2_threads", fedobj_2_threads),
     ):
         times, out = timed(fn, replies, args.repeat)
         abs_err, rel_err = max_error(out, ref)
@@ -229,6 +244,9 @@ def main() -> None:
                 "fedobj_s": round(results["fedobj"], 4),
                 "flower_s": round(results["flower"], 4),
                 "speedup_vs_flower": round(results["flower"] / results["fedobj"], 2),
+                "two_threads_speedup_vs_flower": round(
+                    results["flower"] / results["fedobj_2_threads"], 2
+                ),
                 "speedup_vs_naive_numpy": round(
                     results["naive_numpy"] / results["fedobj"], 2
                 ),

@@ -81,6 +81,38 @@ def test_streamed_perffedavg_equals_its_weights(alpha: float) -> None:
         np.testing.assert_allclose(arrays[k].numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("alpha", [None, 0.3])
+def test_a_reply_found_non_finite_while_folding_is_taken_out_entirely(
+    alpha: float | None,
+) -> None:
+    """Values are checked as replies are folded: ``finish`` rejects the NaN reply
+    and the mean, train metrics and PerfFedAvg weights are the other replies'."""
+    spec = [(40, 0.9), (400, 0.5), (80, None), (200, 0.7)]
+    replies = [train_reply(i, n, acc, shift=i) for i, (n, acc) in enumerate(spec, 11)]
+    nan = train_reply(20, 5000, 0.99)
+    nan.content.array_records[keys.ARRAYS]["conv.weight"] = Array(
+        np.full((8, 1, 3, 3), np.nan, np.float32)
+    )
+    with_nan = ReplyFolder(_record(REF), perf_alpha=alpha)
+    for r in replies[:2] + [nan] + replies[2:]:
+        with_nan(r)
+    assert not with_nan.rejected and with_nan.valid_count == 5  # not yet known
+    with_nan.finish()
+    assert [(o.node_id, o.failure) for o in with_nan.rejected] == [(20, "invalid")]
+    assert "conv.weight contains NaN" in str(with_nan.rejected[0].error)
+    assert with_nan.valid_count == 4
+    without = ReplyFolder(_record(REF), perf_alpha=alpha)
+    for r in replies:
+        without(r)
+    (got, got_m), (want, want_m) = with_nan.aggregate(), without.aggregate()
+    assert got is not None and want is not None and got_m is not None
+    for k in REF:
+        np.testing.assert_allclose(
+            got[k].numpy(), want[k].numpy(), rtol=1e-5, atol=1e-5
+        )
+    assert dict(got_m) == pytest.approx(dict(want_m))
+
+
 def test_bad_replies_are_rejected_with_reasons_and_never_folded() -> None:
     good = train_reply(11, 100)
     wrong_shape = reply(
@@ -106,6 +138,8 @@ def test_bad_replies_are_rejected_with_reasons_and_never_folded() -> None:
     folder = ReplyFolder(_record(REF))
     for r in (good, wrong_shape, nan, error_reply(14, "boom")):
         folder(r)
+    folder.finish()  # values are checked as they are folded
+    assert folder.valid_count == 1
     reasons = {o.node_id: o.error for o in folder.rejected}
     assert set(reasons) == {12, 13, 14}
     assert "shape" in str(reasons[12]) and "NaN" in str(reasons[13])

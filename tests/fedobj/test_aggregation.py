@@ -169,3 +169,173 @@ def test_small_arrays_packed_per_update_fold_back_to_their_keys(kwargs) -> None:
             np.testing.assert_allclose(got[k], expected, rtol=1e-6, atol=1e-6)
     # the caller's dicts are left as they were (packing works on a copy)
     assert set(ups[0][0]) == set(ref)
+
+
+def _record(arrays: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+MIXED_REF = {
+    "conv": np.zeros((8, 3, 3, 3), np.float32),  # packed
+    "bias": np.zeros(8, np.float32),  # packed
+    "scale": np.zeros((), np.float32),  # packed
+    "empty": np.zeros((0, 4), np.float32),
+    "steps": np.zeros(2, np.int64),
+    "fc": np.zeros((40, 30), np.float32),  # >= chunk: viewed in place
+}
+
+
+def _mixed_updates(n: int, seed: int) -> list[tuple[dict[str, np.ndarray], float]]:
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            {
+                k: (
+                    rng.integers(0, 50, v.shape)
+                    if v.dtype.kind == "i"
+                    else rng.normal(size=v.shape)
+                ).astype(v.dtype)
+                for k, v in MIXED_REF.items()
+            },
+            float(w),
+        )
+        for w in rng.integers(1, 100, size=n)
+    ]
+
+
+@pytest.mark.parametrize("kwargs", [{"group": 2}, {"group": 4, "threads": 2}, {}])
+def test_add_record_takes_flower_arrays_byte_for_byte_and_equals_add(kwargs) -> None:  # type: ignore[no-untyped-def]
+    """Records saved by this numpy take the fast path (no general-path record)
+    and give bit-for-bit what ``add`` gives on the same arrays."""
+    ups = _mixed_updates(7, 3)
+    by_add = StreamingMean(MIXED_REF, chunk=1000, **kwargs)
+    by_record = StreamingMean(MIXED_REF, chunk=1000, **kwargs)
+    for arrays, w in ups:
+        by_add.add(arrays, w)
+        assert by_record.add_record(_record(arrays), w) is None
+    assert by_record.general_path == 0
+    want, got = by_add.result(), by_record.result()
+    for k in MIXED_REF:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda a: a.__setitem__("fc", a["fc"].reshape(30, 40)), "fc has shape"),
+        (lambda a: a.__setitem__("bias", a["bias"][:, None]), "bias has shape"),
+        (lambda a: a.pop("steps"), "array names differ"),
+        (lambda a: a.__setitem__("extra", np.zeros(2, np.float32)), "array names"),
+    ],
+)
+def test_add_record_refuses_a_misshapen_update_at_once(change, reason) -> None:  # type: ignore[no-untyped-def]
+    ups = _mixed_updates(3, 4)
+    bad = {k: v.copy() for k, v in ups[1][0].items()}
+    change(bad)
+    mean = StreamingMean(MIXED_REF, chunk=1000, group=2)
+    assert mean.add_record(_record(ups[0][0]), ups[0][1]) is None
+    got = mean.add_record(_record(bad), 5.0)
+    assert got is not None and got.startswith(reason)
+    assert mean.count == 1
+    assert mean.add_record(_record(ups[2][0]), ups[2][1]) is None
+    clean = StreamingMean(MIXED_REF, chunk=1000, group=2)
+    for arrays, w in (ups[0], ups[2]):
+        clean.add(arrays, w)
+    want, result = clean.result(), mean.result()
+    for k in MIXED_REF:
+        np.testing.assert_array_equal(result[k], want[k])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"group": 2}, {"group": 3, "threads": 2}, {"group": 1}, {}]
+)
+@pytest.mark.parametrize(
+    ("change", "name"),
+    [
+        (lambda a: a["bias"].__setitem__(3, np.nan), "bias"),  # packed
+        (lambda a: a["scale"].fill(np.inf), "scale"),  # packed
+        (lambda a: a["fc"].__setitem__((5, 7), -np.inf), "fc"),  # 2nd chunk of fc
+        (lambda a: a["fc"].fill(np.nan), "fc"),  # every chunk
+    ],
+)
+def test_non_finite_update_is_refused_as_it_is_folded(kwargs, change, name) -> None:  # type: ignore[no-untyped-def]
+    """Values are checked in the fold: the update is taken back out (from every
+    chunk it went into), reported with its tag by ``flush``, and the mean is
+    that of the others within float32 rounding."""
+    ups = _mixed_updates(5, 4)
+    bad = {k: v.copy() for k, v in ups[1][0].items()}
+    change(bad)
+    mean = StreamingMean(MIXED_REF, chunk=1000, **kwargs)
+    tagged = [(ups[0][0], ups[0][1], "a"), (bad, 7.0, "bad")]
+    tagged += [(a, w, t) for (a, w), t in zip(ups[2:], "cde", strict=True)]
+    for arrays, w, tag in tagged:
+        assert mean.add_record(_record(arrays), w, tag) is None
+    assert mean.flush() == [("bad", f"{name} contains NaN or infinite values")]
+    assert mean.flush() == []
+    assert mean.count == 4
+    clean = StreamingMean(MIXED_REF, chunk=1000)
+    for arrays, w in ups[:1] + ups[2:]:
+        clean.add(arrays, w)
+    want, result = clean.result(), mean.result()
+    for k in MIXED_REF:
+        assert result[k].dtype == want[k].dtype
+        np.testing.assert_allclose(result[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_mean_of_only_refused_updates_has_no_result() -> None:
+    bad = {k: v.copy() for k, v in _mixed_updates(1, 6)[0][0].items()}
+    bad["conv"][0, 0, 0, 0] = np.nan
+    mean = StreamingMean(MIXED_REF, chunk=1000)
+    assert mean.add_record(_record(bad), 3.0, 1) is None
+    with pytest.raises(ValueError, match="refused"):
+        mean.result()
+
+
+def test_float32_overflow_of_finite_values_is_not_a_refusal() -> None:
+    """Two finite 3e38 values overflow a float32 sum: the chunk is summed in
+    float64 instead and nobody is refused."""
+    ref = {"w": np.zeros(4, np.float32)}
+    big = {"w": np.full(4, 3e38, np.float32)}
+    mean = StreamingMean(ref)
+    for tag in (1, 2):
+        assert mean.add_record(_record(big), 1.0, tag) is None
+    assert mean.flush() == []
+    np.testing.assert_allclose(mean.result()["w"], 3e38, rtol=1e-6)
+
+
+def test_add_record_takes_other_layouts_through_the_general_path() -> None:
+    """A Fortran-order or float64 array is not this numpy's header for the
+    reference: it is viewed, validated and folded as ``add`` would."""
+    ups = _mixed_updates(2, 5)
+    odd = dict(ups[1][0])
+    odd["fc"] = np.asfortranarray(odd["fc"])
+    odd["conv"] = odd["conv"].astype(np.float64)
+    mean = StreamingMean(MIXED_REF, chunk=1000)
+    assert mean.add_record(_record(ups[0][0]), ups[0][1]) is None
+    assert mean.add_record(_record(odd), ups[1][1]) is None
+    assert mean.general_path == 1
+    got = mean.result()
+    total = ups[0][1] + ups[1][1]
+    expected = (
+        ups[0][0]["fc"].astype(np.float64) * ups[0][1]
+        + ups[1][0]["fc"].astype(np.float64) * ups[1][1]
+    ) / total
+    np.testing.assert_allclose(got["fc"], expected, rtol=1e-6, atol=1e-6)
+    assert got["conv"].dtype == np.float32
+
+
+def test_all_finite_is_exact_where_the_squares_overflow() -> None:
+    from fedobj.aggregation import all_finite
+
+    huge = np.full(10, 1e30, np.float32)  # finite, but its squares are not
+    assert all_finite(huge)
+    assert all_finite(np.arange(5))
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.ones((4, 5), np.float32)
+        x[2, 3] = bad
+        assert not all_finite(x)
+        assert not all_finite(x.astype(np.float16))
+        assert not all_finite(np.asfortranarray(x.astype(np.float64)))
