@@ -3,9 +3,9 @@ streaming weighted mean.
 
 Flower's ``aggregate_arrayrecords`` checks no shapes (a size-1 dimension broadcasts
 silently; other mismatches crash the run) and holds every reply until the end. Here a
-reply is validated against the broadcast model first (DESIGN.md contract 5), then
-folded into running sums and dropped, so memory does not grow with the number of
-nodes.
+reply is validated against the broadcast model (DESIGN.md contract 5: names and
+shapes as it arrives, values as it is folded), folded into running sums and
+dropped, so memory does not grow with the number of nodes.
 """
 
 from __future__ import annotations
