@@ -366,16 +366,22 @@ class ReplyFolder:
         return mean
 
     def aggregate(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The weighted mean of every folded reply and the weighted train metrics."""
-        if self._by_n is None:
+        """The weighted mean of every folded reply and the weighted train metrics
+        (``finish`` first, if it was not called)."""
+        self.finish()
+        if self._by_n is None or self._by_n.count == 0:
             return None, None
         mean = self._by_n.result()
-        if self._by_acc is not None and self._acc_sum > 0:
+        if self._by_acc is not None and self._by_acc.count > 0:
             alpha = float(self.perf_alpha if self.perf_alpha is not None else 1.0)
             reported = self._reported
-            missing = self._no_acc.count if self._no_acc is not None else 0
             by_acc = self._by_acc.result()
-            no_acc = self._no_acc.result() if self._no_acc is not None else None
+            no_acc = (
+                self._no_acc.result()
+                if self._no_acc is not None and self._no_acc.count > 0
+                else None
+            )
+            missing = self._no_acc.count if no_acc is not None else 0
             for k, v in mean.items():
                 acc_part = by_acc[k].astype(np.float64) * reported
                 if no_acc is not None:

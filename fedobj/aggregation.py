@@ -246,6 +246,12 @@ class StreamingMean:
             (np.empty(chunk, dtype=np.float32), np.empty(chunk, dtype=np.float32))
             for _ in range(threads)
         ]
+        # a group's float32 sums, checked whole before they reach self.sums
+        self._stage = {
+            k: np.empty(v.size, np.float32)
+            for k, v in self.sums.items()
+            if k == _PACKED or self.dtypes.get(k) == np.float32
+        }
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self.general_path = 0  # records add_record could not take byte for byte
         self._tags: list[Any] = []  # of the pending updates
@@ -355,8 +361,14 @@ class StreamingMean:
         one found then to hold NaN or infinity is refused: see :meth:`flush`)."""
         if weight <= 0 or not math.isfinite(weight):
             raise ValueError(f"weight must be a positive finite number, got {weight}")
+        # one dtype per key in the fold: the reference's where it is float32
+        arrays = {
+            k: np.asarray(v, np.float32)
+            if self.dtypes.get(k) == np.float32 and k not in self._packed
+            else v
+            for k, v in arrays.items()
+        }
         if self._packed:
-            arrays = dict(arrays)
             arrays[_PACKED] = np.concatenate(
                 [
                     np.asarray(arrays.pop(k), np.float32).reshape(-1)
@@ -384,105 +396,119 @@ class StreamingMean:
         return refused
 
     def _fold(self) -> None:
+        """Fold the pending group: sum it into the staging buffers while checking
+        that every chunk is finite, and only then add it to the float64 sums.
+
+        A chunk that is not finite names its culprits (updates with NaN or
+        infinite values); they are refused and the group is summed again
+        without them, so a refused update never touches the sums (its huge
+        finite values would otherwise have swamped the others' in float32).
+        """
         pending, self._pending = self._pending, []
         tags, self._tags = self._tags, []
-        if not pending:
-            return
-        if self._pool is None:
-            bad = self._fold_keys(pending, self._keys[0], 0)
+        while pending:
+            results = self._run(self._scan_keys, pending)
+            if all(r is not None for r in results):
+                break
+            bad = {
+                i
+                for i, (arrays, _) in enumerate(pending)
+                if any(not all_finite(v) for v in arrays.values())
+            }
+            for i in sorted(bad):
+                arrays, weight = pending[i]
+                name = next(k for k, v in arrays.items() if not all_finite(v))
+                where = self._culprit(name, arrays[name])
+                self._refused.append(
+                    (tags[i], f"{where} contains NaN or infinite values")
+                )
+                self.total_weight -= weight
+                self.count -= 1
+            pending = [u for i, u in enumerate(pending) if i not in bad]
+            tags = [t for i, t in enumerate(tags) if i not in bad]
         else:
-            jobs = [
-                self._pool.submit(self._fold_keys, pending, keys, i)
-                for i, keys in enumerate(self._keys)
-            ]
-            bad = set().union(*(job.result() for job in jobs))
-        for i in sorted(bad):
-            arrays, weight = pending[i]
-            self._take_back(arrays, weight)
-            name = next((k for k, v in arrays.items() if not all_finite(v)), None)
-            where = self._culprit(name, arrays[name]) if name else "an array"
-            self._refused.append((tags[i], f"{where} contains NaN or infinite values"))
+            return
+        wide = {k: v for r in results if r is not None for k, v in r.items()}
+        self._run(functools.partial(self._commit_keys, wide=wide), pending)
 
-    def _fold_keys(
+    def _run(self, job: Callable[..., Any], pending: list[Any]) -> list[Any]:
+        """``job(pending, keys, worker)`` for each worker's share of the keys."""
+        if self._pool is None:
+            return [job(pending, self._keys[0], 0)]
+        futures = [
+            self._pool.submit(job, pending, keys, i)
+            for i, keys in enumerate(self._keys)
+        ]
+        return [f.result() for f in futures]
+
+    def _scan_keys(
         self,
         pending: list[tuple[Mapping[str, np.ndarray], float]],
         keys: list[str],
         worker: int,
-    ) -> set[int]:
-        """Fold ``keys`` of the pending updates; the indices of those that hold
-        a non-finite value (left out of every chunk where they do)."""
+    ) -> dict[tuple[str, int], np.ndarray] | None:
+        """Sum ``keys`` of the group into the float32 staging buffers, chunk by
+        chunk, checking each chunk finite. None as soon as one is not, because
+        of a non-finite value; chunks whose finite values overflowed float32
+        are summed in float64 and returned, by (key, start), for the commit."""
         part, term = self._buffers[worker]
-        bad: set[int] = set()
+        wide: dict[tuple[str, int], np.ndarray] = {}
+        for key in keys:
+            terms = [(np.asarray(a[key]).reshape(-1), w) for a, w in pending]
+            if key not in self._stage:  # integer or float64: checked only here
+                if not all(all_finite(x) for x, _ in terms):
+                    return None
+                continue
+            stage = self._stage[key]
+            for start in range(0, stage.size, self.chunk):
+                stop = min(start + self.chunk, stage.size)
+                p = part[: stop - start]
+                x0, w0 = terms[0]
+                np.multiply(x0[start:stop], np.float32(w0), out=p)
+                for x, w in terms[1:]:
+                    _axpy(x[start:stop], p, term[: stop - start], w)
+                if not all_finite(p):
+                    if not all(all_finite(x[start:stop]) for x, _ in terms):
+                        return None
+                    wide[(key, start)] = sum(
+                        (x[start:stop].astype(np.float64) * w for x, w in terms),
+                        np.zeros(stop - start),
+                    )
+                stage[start:stop] = p
+        return wide
+
+    def _commit_keys(
+        self,
+        pending: list[tuple[Mapping[str, np.ndarray], float]],
+        keys: list[str],
+        worker: int,
+        *,
+        wide: dict[tuple[str, int], np.ndarray],
+    ) -> None:
+        """Add the scanned group's sums of ``keys`` to the float64 sums."""
         for key in keys:
             flat = self.sums[key].reshape(-1)
-            terms = [(np.asarray(a[key]).reshape(-1), w) for a, w in pending]
-            if terms[0][0].dtype != np.float32:  # integer counters: in float64
-                for i, (x, w) in enumerate(terms):
-                    if all_finite(x):
-                        flat += np.multiply(x, w, dtype=np.float64)
-                    else:
-                        bad.add(i)
+            if key not in self._stage:
+                for a, w in pending:
+                    flat += np.multiply(
+                        np.asarray(a[key]).reshape(-1), w, dtype=np.float64
+                    )
                 continue
+            stage = self._stage[key]
             for start in range(0, flat.size, self.chunk):
                 stop = min(start + self.chunk, flat.size)
-                p = self._chunk_sum(terms, start, stop, part, term, ())
-                if not all_finite(p):  # rare: find who, fold the chunk without
-                    out = {
-                        i
-                        for i, (x, _) in enumerate(terms)
-                        if not all_finite(x[start:stop])
-                    }
-                    bad |= out
-                    p = self._chunk_sum(terms, start, stop, part, term, out)
-                    if not all_finite(p):  # finite values, float32 overflowed
-                        p = sum(
-                            (
-                                x[start:stop].astype(np.float64) * w
-                                for i, (x, w) in enumerate(terms)
-                                if i not in out
-                            ),
-                            np.zeros(stop - start),
-                        )
-                np.add(flat[start:stop], p, out=flat[start:stop])
-        return bad
-
-    @staticmethod
-    def _chunk_sum(
-        terms: list[tuple[np.ndarray, float]],
-        start: int,
-        stop: int,
-        part: np.ndarray,
-        term: np.ndarray,
-        skip: Iterable[int],
-    ) -> np.ndarray:
-        """The weighted float32 sum of ``terms[start:stop]`` but ``skip``."""
-        p, t = part[: stop - start], term[: stop - start]
-        p.fill(0.0)
-        for i, (x, w) in enumerate(terms):
-            if i not in skip:
-                _axpy(x[start:stop], p, t, w)
-        return p
-
-    def _take_back(self, arrays: Mapping[str, np.ndarray], weight: float) -> None:
-        """Remove a refused update: what of it went into the sums (each chunk it
-        is finite on) is subtracted in float64, its weight taken off. The sums
-        then differ from never having had it by float32 rounding of the chunks
-        it shared (about 1e-7 of its own size), not by its values."""
-        for key, flat in self.sums.items():
-            x = np.asarray(arrays[key]).reshape(-1)
-            step = self.chunk if x.dtype == np.float32 else max(x.size, 1)
-            for start in range(0, x.size, step):
-                part = x[start : start + step]
-                if all_finite(part):
-                    flat.reshape(-1)[start : start + step] -= (
-                        part.astype(np.float64) * weight
-                    )
-        self.total_weight -= weight
-        self.count -= 1
+                exact = wide.get((key, start))
+                flat[start:stop] += stage[start:stop] if exact is None else exact
 
     def result(self) -> dict[str, np.ndarray]:
         """The weighted mean so far (folds what is still pending)."""
         self._fold()
+        if self._refused:  # a caller that never asked would count them as folded
+            tag, reason = self._refused[0]
+            raise ValueError(
+                f"{len(self._refused)} update(s) refused while folding, not yet "
+                f"taken by flush() (first: {tag!r}, {reason})"
+            )
         if self.count == 0:
             raise ValueError("no update was added (or every one was refused)")
         if self._pool is not None:

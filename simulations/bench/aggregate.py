@@ -12,11 +12,10 @@ process, times three weighted means of the same records:
 - ``fedobj``: what the server runs, :meth:`fedobj.aggregation.StreamingMean.add_record`
   per reply: each array's bytes checked against the ``np.save`` header of the
   broadcast array (name, shape and dtype in one comparison), the small arrays'
-  bytes copied into one buffer per update, the large ones viewed in place, every
-  value checked finite (a BLAS dot product per array), then up to 12 updates
-  (256 MiB) folded at a time in cache-sized chunks into float64 sums. Flower's
-  checks nothing; ``fedobj_unchecked`` skips the finite-value scan (names and
-  shapes are still checked), ``fedobj_2_threads`` folds with 2 threads;
+  bytes copied into one buffer per update, the large ones viewed in place; then
+  up to 12 updates (256 MiB) summed at a time in cache-sized float32 chunks, each
+  chunk checked finite (a dot product, in cache), and the checked group added to
+  float64 sums. Flower's checks nothing. ``fedobj_2_threads`` folds with 2 threads;
 - ``read_once`` (1 and 2 threads): a floor for a pass that visits the records
   array by array — every update's values summed by ``torch.sum`` (vectorised,
   parallel with 2 threads), nothing else. It pays the same per-array calls as

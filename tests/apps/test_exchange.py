@@ -113,6 +113,67 @@ def test_a_reply_found_non_finite_while_folding_is_taken_out_entirely(
     assert dict(got_m) == pytest.approx(dict(want_m))
 
 
+def _nan_reply(node: int, n: int, acc: float | None) -> Message:
+    bad = train_reply(node, n, acc)
+    bad.content.array_records[keys.ARRAYS]["head.bias"] = Array(
+        np.full(10, np.inf, np.float32)
+    )
+    return bad
+
+
+@pytest.mark.parametrize(
+    "refused_accs",
+    [[None], [0.1, 0.2, 0.3], [None, 0.4]],
+    ids=["every-node-without-accuracy", "every-node-with-one", "both-kinds"],
+)
+def test_perffedavg_after_refusals_is_the_mean_of_the_others(
+    refused_accs: list[float | None],
+) -> None:
+    """Refusing every reply of one PerfFedAvg group (no accuracy, or with one)
+    leaves the others' weights: no empty mean is asked for its result."""
+    kept = [(40, 0.9), (400, 0.5)] if None in refused_accs else [(40, None)]
+    replies = [train_reply(i, n, acc, shift=i) for i, (n, acc) in enumerate(kept, 11)]
+    bad = [_nan_reply(30 + i, 100, acc) for i, acc in enumerate(refused_accs)]
+    with_bad = ReplyFolder(_record(REF), perf_alpha=0.3)
+    for r in bad + replies:
+        with_bad(r)
+    without = ReplyFolder(_record(REF), perf_alpha=0.3)
+    for r in replies:
+        without(r)
+    (got, _), (want, _) = with_bad.aggregate(), without.aggregate()
+    assert len(with_bad.rejected) == len(bad) and with_bad.valid_count == len(kept)
+    assert got is not None and want is not None
+    for k in REF:
+        np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), rtol=1e-5)
+
+
+def test_no_valid_reply_aggregates_to_nothing() -> None:
+    folder = ReplyFolder(_record(REF))
+    folder(_nan_reply(11, 50, None))
+    folder(
+        reply(
+            12,
+            RecordDict(
+                {
+                    keys.ARRAYS: _record({**REF, "head.bias": np.zeros(9, np.float32)}),
+                    keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10}),
+                }
+            ),
+        )
+    )
+    assert folder.aggregate() == (None, None)
+    assert folder.valid_count == 0 and len(folder.rejected) == 2
+
+
+def test_aggregate_without_finish_counts_the_refusal_too() -> None:
+    folder = ReplyFolder(_record(REF))
+    for r in (train_reply(11, 50), _nan_reply(12, 5000, None)):
+        folder(r)
+    _, metrics = folder.aggregate()
+    assert folder.valid_count == 1 and [o.node_id for o in folder.rejected] == [12]
+    assert metrics is not None and metrics[keys.TRAIN_LOSS] == pytest.approx(1 / 50)
+
+
 def test_bad_replies_are_rejected_with_reasons_and_never_folded() -> None:
     good = train_reply(11, 100)
     wrong_shape = reply(

@@ -257,14 +257,15 @@ def test_add_record_refuses_a_misshapen_update_at_once(change, reason) -> None: 
     [
         (lambda a: a["bias"].__setitem__(3, np.nan), "bias"),  # packed
         (lambda a: a["scale"].fill(np.inf), "scale"),  # packed
-        (lambda a: a["fc"].__setitem__((5, 7), -np.inf), "fc"),  # 2nd chunk of fc
+        (lambda a: a["fc"].__setitem__((5, 7), -np.inf), "fc"),  # 1st chunk of fc
+        (lambda a: a["fc"].__setitem__((39, 29), np.nan), "fc"),  # its 2nd chunk
         (lambda a: a["fc"].fill(np.nan), "fc"),  # every chunk
     ],
 )
 def test_non_finite_update_is_refused_as_it_is_folded(kwargs, change, name) -> None:  # type: ignore[no-untyped-def]
-    """Values are checked in the fold: the update is taken back out (from every
-    chunk it went into), reported with its tag by ``flush``, and the mean is
-    that of the others within float32 rounding."""
+    """Values are checked in the fold: the update is refused before anything of
+    its group reaches the sums, reported with its tag by ``flush``, and the mean
+    is that of the others (bit for bit when they fold in the same groups)."""
     ups = _mixed_updates(5, 4)
     bad = {k: v.copy() for k, v in ups[1][0].items()}
     change(bad)
@@ -282,7 +283,54 @@ def test_non_finite_update_is_refused_as_it_is_folded(kwargs, change, name) -> N
     want, result = clean.result(), mean.result()
     for k in MIXED_REF:
         assert result[k].dtype == want[k].dtype
+        if not kwargs:  # one group in both
+            np.testing.assert_array_equal(result[k], want[k])
         np.testing.assert_allclose(result[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"group": 2}, {"threads": 2}])
+def test_a_refused_update_with_huge_finite_values_leaves_no_trace(kwargs) -> None:  # type: ignore[no-untyped-def]
+    """A diverged node: 1e30 in the chunks folded first, infinity in its last.
+    Summed in float32 with the others, 1e30 would swamp them; the group is summed
+    again without it, so the mean is exactly the others' 0.5."""
+    ref = {"w": np.zeros(2000, np.float32), "b": np.zeros(4, np.float32)}
+    good = {"w": np.full(2000, 0.5, np.float32), "b": np.full(4, 0.5, np.float32)}
+    diverged = {"w": np.full(2000, 1e30, np.float32), "b": good["b"]}
+    diverged["w"][-1] = np.inf
+    mean = StreamingMean(ref, chunk=500, **kwargs)
+    for tag, arrays in enumerate([good, diverged, good, good]):
+        assert mean.add_record(_record(arrays), 10.0, tag) is None
+    assert mean.flush() == [(1, "w contains NaN or infinite values")]
+    got = mean.result()
+    np.testing.assert_array_equal(got["w"], np.full(2000, 0.5, np.float32))
+    np.testing.assert_array_equal(got["b"], np.full(4, 0.5, np.float32))
+
+
+def test_an_update_of_another_dtype_is_cast_and_folded_like_the_rest() -> None:
+    """A float64 reply (general path) for a float32 key is folded in float32 by
+    the same chunks as the others, so a NaN in a later reply's 2nd chunk takes
+    only that reply out."""
+    ref = {"w": np.zeros(2000, np.float32)}
+    wide = {"w": np.full(2000, 1.0, np.float64)}
+    bad = {"w": np.full(2000, 3.0, np.float32)}
+    bad["w"][1500] = np.nan
+    mean = StreamingMean(ref, chunk=1000)
+    assert mean.add_record(_record(wide), 2.0, "wide") is None
+    assert mean.add_record(_record(bad), 2.0, "bad") is None
+    assert mean.general_path == 1
+    assert [t for t, _ in mean.flush()] == ["bad"]
+    np.testing.assert_array_equal(mean.result()["w"], np.ones(2000, np.float32))
+
+
+def test_refusals_must_be_taken_before_the_result() -> None:
+    """A caller that never flushes would count a refused update as folded:
+    ``result`` says so instead of averaging quietly without it."""
+    ref = {"w": np.zeros(3, np.float32)}
+    with pytest.raises(ValueError, match="refused while folding"):
+        weighted_mean(
+            [({"w": np.ones(3, np.float32)}, 1.0), ({"w": np.full(3, np.nan)}, 1.0)],
+            ref,
+        )
 
 
 def test_a_mean_of_only_refused_updates_has_no_result() -> None:
