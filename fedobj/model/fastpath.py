@@ -15,7 +15,14 @@ the effect on whole runs):
   cell at 28x28 input; skipped when the input is already 7x7 (its backward alone
   took 4% of a step);
 - **dropout from a uniform draw**: ``rand < 1 - p`` is the same Bernoulli mask
-  as ``bernoulli_``, drawn 2.6x faster.
+  as ``bernoulli_``, drawn 2.6x faster;
+- **GroupNorm by channel-wise reductions** where a group has fewer than 8
+  channels (the first block: 32 channels in 8 groups): PyTorch's channels-last
+  GroupNorm kernel took 4.6 ms forward and backward on the first block's 32x32x28x28
+  map, about a fifth of a step; reductions over H*W (vectorised over the
+  channels) and broadcast multiply-adds take 2.1 ms for the same maths (values
+  and gradients equal to float32 rounding, ~1e-6 relative). With 8 channels a
+  group (the second block) PyTorch's kernel is the faster one and is kept.
 
 Anything but the exact ``SmallCNN`` layout (a subclass, another architecture, a
 changed block, a forward hook on a module the fast path does not call: the model,
@@ -108,7 +115,7 @@ class _SmallCnnPlan:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv, norm, pool in self.blocks:
-            x = torch.relu_(pool(norm(conv(x))))
+            x = torch.relu_(pool(_norm(norm, conv(x))))
         if tuple(x.shape[-2:]) != self.pool_size:
             x = self.pool(x)
         training = self.model.training
@@ -116,6 +123,92 @@ class _SmallCnnPlan:
         x = dropout(torch.relu_(self.hidden(x)), self.drop[1], training)
         logits: torch.Tensor = self.classifier(x)
         return logits
+
+
+SMALL_GROUP = 8
+"""Channels per group below which :func:`group_norm` beats PyTorch's kernel."""
+
+
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if (
+        type(norm) is nn.GroupNorm
+        and norm.num_channels // norm.num_groups < SMALL_GROUP
+        and norm.affine
+        and not _hooked(norm)
+        and x.dim() == 4
+        and x.dtype == torch.float32
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+    ):
+        return group_norm(x, norm)
+    out: torch.Tensor = norm(x)
+    return out
+
+
+def group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """``norm(x)`` for a channels-last float32 ``x``, by channel-wise reductions."""
+    return _GroupNormChannelsLast.apply(  # type: ignore[no-any-return]
+        x, norm.weight, norm.bias, norm.num_groups, norm.eps
+    )
+
+
+class _GroupNormChannelsLast(torch.autograd.Function):
+    """GroupNorm on the (N, H*W, C) view of a channels-last map.
+
+    Forward, two passes for the statistics (mean, then squares of the centred
+    values, so no E[x^2] - E[x]^2 cancellation), every reduction over H*W with
+    the channels innermost; the normalised ``xhat`` is kept for the backward:
+    ``dx = rstd * (g*dy - (S1 + xhat*S2) / M)`` with ``S1``, ``S2`` the group sums
+    of ``g*dy`` and ``g*dy*xhat`` and ``M`` the group's size.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        groups: int,
+        eps: float,
+    ) -> torch.Tensor:
+        n, c, h, w = x.shape
+        per = c // groups
+        xv = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view: channels-last
+        mean = xv.mean(1).view(n, groups, per).mean(-1, keepdim=True)
+        xhat = xv - mean.expand(n, groups, per).reshape(n, 1, c)
+        var = (xhat * xhat).sum(1).view(n, groups, per).sum(-1, keepdim=True)
+        rstd = (var / (h * w * per) + eps).rsqrt().expand(n, groups, per)
+        rstd = rstd.reshape(n, 1, c)
+        xhat.mul_(rstd)
+        y = torch.addcmul(bias, xhat, weight)
+        ctx.save_for_backward(xhat, weight, rstd)
+        ctx.groups = groups  # type: ignore[attr-defined]
+        return y.view(n, h, w, c).permute(0, 3, 1, 2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        xhat, weight, rstd = ctx.saved_tensors  # type: ignore[attr-defined]
+        groups: int = ctx.groups  # type: ignore[attr-defined]
+        n, hw, c = xhat.shape
+        h, w = dy.shape[2], dy.shape[3]
+        per = c // groups
+        dyv = dy.permute(0, 2, 3, 1).reshape(n, hw, c)  # a copy if not channels-last
+        sum_dy = dyv.sum(1)  # (n, c)
+        sum_dy_xhat = (dyv * xhat).sum(1)
+
+        def group_sum(t: torch.Tensor) -> torch.Tensor:
+            s = (t * weight).view(n, groups, per).sum(-1, keepdim=True)
+            out: torch.Tensor = s.expand(n, groups, per).reshape(n, 1, c)
+            return out
+
+        k = rstd / (hw * per)
+        dx = torch.addcmul(-group_sum(sum_dy) * k, xhat, -group_sum(sum_dy_xhat) * k)
+        dx.addcmul_(dyv, rstd * weight)
+        dx_map = dx.view(n, h, w, c).permute(0, 3, 1, 2)
+        return dx_map, sum_dy_xhat.sum(0), sum_dy.sum(0), None, None
 
 
 def _called_here(module: nn.Module) -> bool:

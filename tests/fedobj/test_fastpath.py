@@ -132,3 +132,64 @@ def test_each_dropout_sits_where_the_module_puts_it(p1: float, p2: float) -> Non
         forward(x)
     for name, (plain, fast) in seen.items():
         assert abs(plain - fast) < 0.02, (name, plain, fast)
+
+
+@pytest.mark.parametrize(("channels", "groups"), [(32, 8), (16, 8), (12, 3), (6, 6)])
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_group_norm_matches_pytorch_values_and_gradients(
+    channels: int, groups: int, offset: float
+) -> None:
+    """The channel-wise GroupNorm against ``F.group_norm``: output and the
+    gradients of input, weight and bias; a large common offset checks that the
+    variance is taken around the mean (no E[x^2] - E[x]^2 cancellation)."""
+    from fedobj.model.fastpath import group_norm
+
+    torch.manual_seed(channels + groups)
+    norm = nn.GroupNorm(groups, channels)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(5, channels, 9, 7) * 3 + offset
+    x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(5, channels, 9, 7).contiguous(memory_format=torch.channels_last)
+    got: list[torch.Tensor] = []
+    for fn in (norm, lambda t: group_norm(t, norm)):
+        xi = x.clone().requires_grad_()
+        norm.zero_grad()
+        y = fn(xi)
+        y.backward(dy)
+        assert xi.grad is not None and norm.weight.grad is not None
+        assert norm.bias.grad is not None
+        got += [y.detach(), xi.grad, norm.weight.grad.clone(), norm.bias.grad.clone()]
+    want, mine = got[:4], got[4:]
+    assert mine[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(want, mine, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+def test_group_norm_fast_arm_only_where_it_is_faster() -> None:
+    """Fewer than 8 channels a group, channels-last float32, no hook: the
+    channel-wise arm; otherwise the module itself runs."""
+    from fedobj.model import fastpath
+
+    calls: list[str] = []
+    real = fastpath.group_norm
+
+    def spy(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+        calls.append("fast")
+        return real(x, norm)
+
+    cl = torch.randn(2, 32, 6, 6).contiguous(memory_format=torch.channels_last)
+    small, wide = nn.GroupNorm(8, 32), nn.GroupNorm(4, 32)  # 4 and 8 per group
+    try:
+        fastpath.group_norm = spy  # type: ignore[assignment]
+        fastpath._norm(small, cl)
+        assert calls == ["fast"]
+        fastpath._norm(small, cl.contiguous())  # NCHW
+        fastpath._norm(wide, cl)
+        fastpath._norm(small, cl.flatten(2))  # (N, C, L)
+        small.register_forward_hook(lambda *_: None)
+        fastpath._norm(small, cl)
+        assert calls == ["fast"]
+    finally:
+        fastpath.group_norm = real  # type: ignore[assignment]
