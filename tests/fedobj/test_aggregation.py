@@ -387,3 +387,18 @@ def test_all_finite_is_exact_where_the_squares_overflow() -> None:
         assert not all_finite(x)
         assert not all_finite(x.astype(np.float16))
         assert not all_finite(np.asfortranarray(x.astype(np.float64)))
+
+
+def test_a_float64_key_with_nan_refuses_its_update_before_the_sums() -> None:
+    """Keys that are not float32 (summed in float64, not staged) are checked
+    whole before the group is committed."""
+    ref = {"w": np.zeros(5, np.float64), "v": np.zeros(3, np.float32)}
+    good = {"w": np.full(5, 2.0), "v": np.full(3, 2.0, np.float32)}
+    bad = {"w": np.array([1.0, np.nan, 1.0, 1.0, 1.0]), "v": good["v"]}
+    mean = StreamingMean(ref)
+    assert mean.add_record(_record(good), 1.0, "good") is None
+    assert mean.add_record(_record(bad), 1.0, "bad") is None
+    assert mean.flush() == [("bad", "w contains NaN or infinite values")]
+    got = mean.result()
+    np.testing.assert_array_equal(got["w"], good["w"])
+    np.testing.assert_array_equal(got["v"], good["v"])
