@@ -228,9 +228,26 @@ def reply_weight(msg: Message) -> tuple[float, None] | tuple[None, str]:
     n = metrics.get(keys.NUM_EXAMPLES) if metrics is not None else None
     if not (isinstance(n, (int, float)) and math.isfinite(n)):
         return None, f"num-examples is not a finite number ({n!r})"
-    if n <= 0:
-        return None, f"num-examples must be > 0, got {n}"
+    if n < 1e-30:  # too small to weigh in float32 (and not a count)
+        return None, f"num-examples must be > 0 (at least 1e-30), got {n}"
+    if n > 1e30:
+        return None, f"num-examples is implausibly large ({n})"
     return float(n), None
+
+
+ACC_FLOOR = 1e-30
+"""Local accuracies below this weigh nothing (float32 would round them to 0)."""
+
+
+def _accuracy_problem(msg: Message) -> str | None:
+    """Why a reply's local accuracy cannot weigh it (PerfFedAvg), if it cannot."""
+    metrics = msg.content.metric_records.get(keys.METRICS)
+    acc = metrics.get(keys.LOCAL_ACCURACY) if metrics is not None else None
+    if acc is None or not isinstance(acc, (int, float)):
+        return None
+    if not (math.isfinite(acc) and 0.0 <= acc <= 1.0):
+        return f"local-accuracy must be a number in [0, 1], got {acc!r}"
+    return None
 
 
 class ReplyFolder:
@@ -266,10 +283,7 @@ class ReplyFolder:
         self._by_n: StreamingMean | None = None
         self._by_acc: StreamingMean | None = None
         self._no_acc: StreamingMean | None = None
-        self._acc_sum = 0.0
         self._reported = 0  # replies that reported an accuracy, zeros included
-        self._metric_sums: dict[str, float] = {}
-        self._metric_weights: dict[str, float] = {}
         # per folded reply (tag: its place in outcomes, from 1): n and metrics,
         # to take them back out if its values turn out not to be finite
         self._numbers: dict[int, tuple[float, dict[str, float]]] = {}
@@ -280,6 +294,9 @@ class ReplyFolder:
         self.outcomes.append(outcome)
         n, reason = reply_weight(msg)
         tag = len(self.outcomes)
+        if n is not None and self.perf_alpha is not None:
+            reason = _accuracy_problem(msg)
+            n = None if reason is not None else n
         if n is not None:
             record = msg.content.array_records[keys.ARRAYS]
             if self.stream:
@@ -308,21 +325,14 @@ class ReplyFolder:
             if isinstance(value, (int, float)) and key != keys.NUM_EXAMPLES
         }
         self._numbers[tag] = (n, numbers)
-        self._count_metrics(n, numbers, 1)
         if self.perf_alpha is not None and self.perf_alpha < 1.0:
             acc = metrics.get(keys.LOCAL_ACCURACY)
             if isinstance(acc, (int, float)):
                 self._reported += 1
-                if acc > 0:  # a zero weight adds nothing to the sum
-                    self._acc_sum += float(acc)
+                if acc >= ACC_FLOOR:  # a zero weight adds nothing to the sum
                     self._mean("_by_acc").add_record(record, float(acc), tag)
             else:
                 self._mean("_no_acc").add_record(record, 1.0, tag)
-
-    def _count_metrics(self, n: float, numbers: dict[str, float], sign: int) -> None:
-        for key, value in numbers.items():
-            self._metric_sums[key] = self._metric_sums.get(key, 0.0) + sign * n * value
-            self._metric_weights[key] = self._metric_weights.get(key, 0.0) + sign * n
 
     def finish(self) -> None:
         """Fold what is still pending and take out the replies found then to hold
@@ -342,15 +352,12 @@ class ReplyFolder:
                 NodeOutcome(outcome.node_id, error=reason, failure="invalid")
             )
             self.valid_count -= 1
-            n, numbers = self._numbers.pop(tag)
-            self._count_metrics(n, numbers, -1)
+            _, numbers = self._numbers.pop(tag)
             # every mean it went into refused it too (the same values)
             acc = numbers.get(keys.LOCAL_ACCURACY)
             perf = self.perf_alpha is not None and self.perf_alpha < 1.0
             if perf and acc is not None:
                 self._reported -= 1
-                if acc > 0:
-                    self._acc_sum -= acc
 
     def missed(self, node_id: int, timeout: float) -> None:
         """Count a node that did not reply in time (``exchange``'s ``on_missing``)."""
@@ -389,11 +396,14 @@ class ReplyFolder:
                 acc_part /= reported + missing
                 mixed = alpha * v.astype(np.float64) + (1.0 - alpha) * acc_part
                 mean[k] = mixed.astype(v.dtype)
+        # from the replies kept (a refused one's NaN loss cannot be subtracted)
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for n, numbers in self._numbers.values():
+            for key, value in numbers.items():
+                sums[key] = sums.get(key, 0.0) + n * value
+                weights[key] = weights.get(key, 0.0) + n
         metrics = MetricRecord(
-            {
-                k: self._metric_sums[k] / self._metric_weights[k]
-                for k in self._metric_sums
-                if self._metric_weights[k] > 0
-            }
+            {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
         )
         return ArrayRecord({k: Array(v) for k, v in mean.items()}), metrics

@@ -11,7 +11,7 @@ validated reply folded in and dropped).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
@@ -53,8 +53,24 @@ class PerfFedAvg(FedAvg):
         first = valid[0].content.array_records[self.arrayrecord_key]
         mean = StreamingMean({k: v.numpy() for k, v in first.items()})
         for msg, w in zip(valid, weights, strict=True):
+            if w < 1e-30:  # weighs nothing (accuracy 0 with alpha 0)
+                continue
             record = msg.content.array_records[self.arrayrecord_key]
-            mean.add({k: v.numpy() for k, v in record.items()}, float(w))
+            mean.add(
+                {k: v.numpy() for k, v in record.items()},
+                float(w),
+                msg.metadata.src_node_id,
+            )
+        for node, reason in mean.flush():
+            log(
+                WARNING,
+                "round %d: reply from node %s left out: %s",
+                server_round,
+                node,
+                reason,
+            )
+        if mean.count == 0:
+            return None, None
         arrays = ArrayRecord({k: Array(v) for k, v in mean.result().items()})
         return arrays, self.train_metrics_aggr_fn(
             [m.content for m in valid], self.weighted_by_key

@@ -285,8 +285,7 @@ class StreamingMean:
         time. An update found to hold NaN or infinity then is taken back out and
         listed, with ``tag``, in what :meth:`flush` returns.
         """
-        if weight <= 0 or not math.isfinite(weight):
-            raise ValueError(f"weight must be a positive finite number, got {weight}")
+        _check_weight(weight)
         arrays = self._unpack(record)
         if arrays is None:
             self.general_path += 1
@@ -359,15 +358,15 @@ class StreamingMean:
     ) -> None:
         """Fold ``arrays`` in with ``weight`` (kept until its group is folded;
         one found then to hold NaN or infinity is refused: see :meth:`flush`)."""
-        if weight <= 0 or not math.isfinite(weight):
-            raise ValueError(f"weight must be a positive finite number, got {weight}")
+        _check_weight(weight)
         # one dtype per key in the fold: the reference's where it is float32
-        arrays = {
-            k: np.asarray(v, np.float32)
-            if self.dtypes.get(k) == np.float32 and k not in self._packed
-            else v
-            for k, v in arrays.items()
-        }
+        with np.errstate(over="ignore"):  # a value beyond float32: refused as inf
+            arrays = {
+                k: np.asarray(v, np.float32)
+                if self.dtypes.get(k) == np.float32 and k not in self._packed
+                else v
+                for k, v in arrays.items()
+            }
         if self._packed:
             arrays[_PACKED] = np.concatenate(
                 [
@@ -383,8 +382,7 @@ class StreamingMean:
     ) -> None:
         self._pending.append((arrays, float(weight)))
         self._tags.append(tag)
-        self.total_weight += weight
-        self.count += 1
+        self.count += 1  # the weight counts once its group is found clean
         if len(self._pending) >= self.group:
             self._fold()
 
@@ -422,12 +420,12 @@ class StreamingMean:
                 self._refused.append(
                     (tags[i], f"{where} contains NaN or infinite values")
                 )
-                self.total_weight -= weight
                 self.count -= 1
             pending = [u for i, u in enumerate(pending) if i not in bad]
             tags = [t for i, t in enumerate(tags) if i not in bad]
         else:
             return
+        self.total_weight += sum(w for _, w in pending)
         wide = {k: v for r in results if r is not None for k, v in r.items()}
         self._run(functools.partial(self._commit_keys, wide=wide), pending)
 
@@ -530,6 +528,18 @@ class StreamingMean:
                 mean = np.rint(mean)
             out[key] = mean.astype(dtype, copy=False)
         return out
+
+
+def _check_weight(weight: float) -> None:
+    """A weight must be positive, finite and a normal float32 number: one that
+    float32 rounds to 0 would make BLAS skip its term, NaNs included."""
+    if not (math.isfinite(weight) and weight >= float(np.finfo(np.float32).tiny)):
+        raise ValueError(
+            f"weight must be a finite number >= {np.finfo(np.float32).tiny:.3g}, "
+            f"got {weight}"
+        )
+    if weight > float(np.finfo(np.float32).max):
+        raise ValueError(f"weight must fit float32, got {weight}")
 
 
 def _npy_header(ref: np.ndarray) -> tuple[bytes, int]:

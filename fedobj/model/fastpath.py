@@ -217,7 +217,19 @@ def _called_here(module: nn.Module) -> bool:
 
 
 def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """A hook on ``module``, forward or backward, or one set for every module."""
+    from torch.nn.modules import module as registry
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or registry._global_forward_hooks
+        or registry._global_forward_pre_hooks
+        or registry._global_backward_hooks
+        or registry._global_backward_pre_hooks
+    )
 
 
 def _layout(mods: list[nn.Module], kinds: tuple[type | tuple[type, ...], ...]) -> bool:

@@ -319,3 +319,42 @@ def test_staggered_exchange_pushes_one_at_a_time_in_order() -> None:
     assert [n for _, n in grid.pushed] == [3, 1, 2]
     assert [t for t, _ in grid.pushed] == pytest.approx([0.0, 0.12, 0.24])
     assert clock.now <= 3.12 + 0.5  # the last reply (due at 3.12) within one poll
+
+
+def test_a_refused_reply_leaves_no_trace_in_the_train_metrics() -> None:
+    """A diverged node sends NaN weights and a NaN loss with a huge count: the
+    round's metrics are the other replies' alone."""
+    good = [train_reply(11, 50), train_reply(12, 150)]
+    diverged = _nan_reply(13, 10**15, None)
+    diverged.content.metric_records[keys.METRICS][keys.TRAIN_LOSS] = float("nan")
+    folder = ReplyFolder(_record(REF))
+    for r in good[:1] + [diverged] + good[1:]:
+        folder(r)
+    _, metrics = folder.aggregate()
+    assert metrics is not None
+    assert metrics[keys.TRAIN_LOSS] == pytest.approx((50 / 50 + 150 / 150) / 200)
+
+
+@pytest.mark.parametrize(
+    ("n", "acc", "reason"),
+    [
+        (1e-50, 0.5, "num-examples"),
+        (100, float("inf"), "local-accuracy"),
+        (100, float("nan"), "local-accuracy"),
+        (100, 1.5, "local-accuracy"),
+        (100, -0.1, "local-accuracy"),
+    ],
+)
+def test_unusable_weights_are_rejected_not_raised(
+    n: float, acc: float, reason: str
+) -> None:
+    folder = ReplyFolder(_record(REF), perf_alpha=0.5)
+    folder(train_reply(11, 80, 0.7))
+    bad = train_reply(12, 10, acc)
+    bad.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES] = n
+    folder(bad)
+    folder.finish()
+    assert [o.node_id for o in folder.rejected] == [12]
+    assert reason in str(folder.rejected[0].error)
+    arrays, _ = folder.aggregate()
+    assert arrays is not None

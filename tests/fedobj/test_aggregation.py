@@ -402,3 +402,24 @@ def test_a_float64_key_with_nan_refuses_its_update_before_the_sums() -> None:
     got = mean.result()
     np.testing.assert_array_equal(got["w"], good["w"])
     np.testing.assert_array_equal(got["v"], good["v"])
+
+
+def test_a_refused_update_with_a_huge_weight_leaves_no_trace() -> None:
+    ref = {"w": np.zeros(4, np.float32)}
+    mean = StreamingMean(ref)
+    assert mean.add_record(_record({"w": np.full(4, 0.5, np.float32)}), 3.0, 1) is None
+    bad = {"w": np.array([1, np.nan, 1, 1], np.float32)}
+    assert mean.add_record(_record(bad), 1e20, 2) is None
+    assert [t for t, _ in mean.flush()] == [2]
+    assert mean.total_weight == 3.0
+    np.testing.assert_array_equal(mean.result()["w"], np.full(4, 0.5, np.float32))
+
+
+@pytest.mark.parametrize("weight", [0.0, 1e-50, -1.0, float("inf"), float("nan")])
+def test_a_weight_float32_cannot_carry_is_refused(weight: float) -> None:
+    """1e-50 is 0 in float32: BLAS would skip that term, and its NaNs with it."""
+    mean = StreamingMean({"w": np.zeros(2, np.float32)})
+    with pytest.raises(ValueError, match="weight"):
+        mean.add_record(_record({"w": np.ones(2, np.float32)}), weight)
+    with pytest.raises(ValueError, match="weight"):
+        mean.add({"w": np.ones(2, np.float32)}, weight)

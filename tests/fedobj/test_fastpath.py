@@ -193,3 +193,50 @@ def test_group_norm_fast_arm_only_where_it_is_faster() -> None:
         assert calls == ["fast"]
     finally:
         fastpath.group_norm = real  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_group_norm_small_batches_and_an_nchw_gradient(batch: int) -> None:
+    """N=1 and 2 (a channels-last map that is not NCHW-contiguous too), and an
+    incoming gradient in NCHW layout, still give PyTorch's values."""
+    from fedobj.model.fastpath import group_norm
+
+    torch.manual_seed(batch)
+    norm = nn.GroupNorm(8, 32)
+    x = torch.randn(batch, 32, 5, 4).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(batch, 32, 5, 4)  # NCHW
+    got = []
+    for fn in (norm, lambda t: group_norm(t, norm)):
+        xi = x.clone().requires_grad_()
+        norm.zero_grad()
+        fn(xi).backward(dy)
+        assert xi.grad is not None and norm.weight.grad is not None
+        got.append((xi.grad, norm.weight.grad.clone()))
+    for a, b in zip(got[0], got[1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_forward_in_eval_mode_channels_last_is_equal() -> None:
+    """Evaluation runs under no_grad with channels-last input: the GroupNorm
+    fast arm, nothing saved for a backward, PyTorch's values."""
+    model = _model().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fast_forward(model)(x), model(x), rtol=1e-5, atol=1e-5
+        )
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            fast_forward(model)(x), model(x), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_a_backward_hook_on_the_group_norm_keeps_the_module() -> None:
+    from fedobj.model import fastpath
+
+    norm = nn.GroupNorm(8, 32)
+    seen: list[int] = []
+    norm.register_full_backward_hook(lambda *_: seen.append(1))  # type: ignore[arg-type,return-value]
+    x = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    fastpath._norm(norm, x.requires_grad_()).sum().backward()
+    assert seen == [1]
