@@ -39,10 +39,9 @@ def _load(name: str) -> ModuleType:
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import torch
 
+    from fedobj.data.fashion_mnist import load_fashion_mnist
     from fedobj.export import calibration_images, export_artifact
     from fedobj.model import Checkpoint, ModelArgs, build_model
-
-    from fedobj.data.fashion_mnist import load_fashion_mnist
     from fedobj.train import LabelledTensors, TrainConfig, train
 
     torch.manual_seed(0)
