@@ -103,7 +103,7 @@ def perf_fedavg_weights(
         raise ValueError("every num-examples must be > 0")
     data_w = n / n.sum()
     reported = [a for a in accuracies if a is not None]
-    if not reported or sum(reported) <= 0:
+    if not reported or sum(reported) < 1e-30:  # subnormal sums divide badly
         return np.asarray(data_w)
     mean_acc = float(np.mean(reported))
     acc = np.asarray([mean_acc if a is None else a for a in accuracies], np.float64)
