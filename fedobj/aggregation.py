@@ -308,26 +308,16 @@ class StreamingMean:
                 raw = memoryview(buf.data).cast("B")
                 pos = 0
                 for key, header, size in self._pack_plan:
-                    array = record[key]
-                    data = array.data
-                    if (
-                        len(data) != size
-                        or array.stype != _NDARRAY
-                        or not data.startswith(header)
-                    ):
+                    data = _saved_bytes(record[key], header, size)
+                    if data is None:
                         return None
                     end = pos + size - len(header)
                     raw[pos:end] = memoryview(data)[len(header) :]
                     pos = end
                 out[_PACKED] = buf
             for key, header, size, dtype, shape in self._view_plan:
-                array = record[key]
-                data = array.data
-                if (
-                    len(data) != size
-                    or array.stype != _NDARRAY
-                    or not data.startswith(header)
-                ):
+                data = _saved_bytes(record[key], header, size)
+                if data is None:
                     return None
                 out[key] = np.ndarray(shape, dtype, data, len(header))
         except (KeyError, AttributeError, TypeError):
@@ -528,6 +518,15 @@ class StreamingMean:
                 mean = np.rint(mean)
             out[key] = mean.astype(dtype, copy=False)
         return out
+
+
+def _saved_bytes(array: Any, header: bytes, size: int) -> bytes | None:
+    """``array``'s bytes if they are ``np.save`` output with exactly ``header``
+    (so this dtype, shape and C order) and ``size`` bytes long, else None."""
+    data = array.data
+    if len(data) != size or array.stype != _NDARRAY or not data.startswith(header):
+        return None
+    return data  # type: ignore[no-any-return]
 
 
 def _check_weight(weight: float) -> None:
