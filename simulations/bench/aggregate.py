@@ -13,16 +13,19 @@ process, times three weighted means of the same records:
   per reply: each array's bytes checked against the ``np.save`` header of the
   broadcast array (name, shape and dtype in one comparison), the small arrays'
   bytes copied into one buffer per update, the large ones viewed in place; then
-  up to 12 updates (256 MiB) summed at a time in cache-sized float32 chunks, each
-  chunk checked finite (a dot product, in cache), and the checked group added to
-  float64 sums. Flower's checks nothing. ``fedobj_2_threads`` folds with 2 threads;
-- ``read_once`` (1 and 2 threads): a floor for a pass that visits the records
-  array by array — every update's values summed by ``torch.sum`` (vectorised,
-  parallel with 2 threads), nothing else. It pays the same per-array calls as
-  ours, so it bounds that design, not the memory bus (100 flat 21 MB buffers
-  read at 20 GB/s on one thread, 41 GB/s on two). (Until 2026-11-23 this was
-  numpy's ``add.reduce``, which is 2-3x slower than the bus: it made "7x Flower's
-  time" look unreachable, which it is not.)
+  up to 32 updates (768 MiB) summed at a time in 1 MB float32 chunks (BLAS
+  ``saxpy``, two OpenBLAS threads), each chunk checked finite (a dot product, in
+  cache), and the checked group added to float64 sums. Flower's checks nothing.
+  ``fedobj_2_threads`` splits the arrays between 2 Python threads as well;
+- ``read_once`` (torch, 1 and 2 threads; BLAS): what a pass that visits the
+  records array by array and only reads them costs — every update's values summed
+  by ``torch.sum`` (vectorised, parallel with 2 threads) or by BLAS ``sasum``
+  (OpenBLAS's threads), nothing else. The fastest of them is reported as the
+  floor. It pays per-array calls as ours does, so it bounds that design, not the
+  memory bus (100 flat 21 MB buffers read at 20 GB/s on one thread, 41 GB/s on
+  two). (Until 2026-11-23 this was numpy's ``add.reduce``, 2-3x slower than the
+  bus: it made "7x Flower's time" look unreachable, which it is not. Before run e
+  of 2026-11-23 there was no BLAS read, and ours became faster than the "floor".)
 
 Each is run ``--repeat`` times; the figure is the best time (the machine's other
 work only ever adds). Results are compared with a float64 reference. One JSON line
@@ -124,6 +127,19 @@ def _read(records: list[RecordDict]) -> float:
     return total
 
 
+def read_once_blas(replies: list[RecordDict]) -> float:
+    """Every update's values read once by BLAS ``sasum`` (OpenBLAS's threads)."""
+    from scipy.linalg.blas import sasum
+
+    t0 = time.perf_counter()
+    total = 0.0
+    for reply in replies:
+        for arr in reply.array_records["arrays"].values():
+            x = array_view(arr).reshape(-1)
+            total += float(sasum(x) if x.dtype == np.float32 else np.abs(x).sum())
+    return time.perf_counter() - t0
+
+
 def read_once(replies: list[RecordDict], threads: int = 1) -> float:
     """A floor: every update's values read once and summed (``torch.sum``, with
     ``threads`` intra-op threads), no weights, no output."""
@@ -209,13 +225,19 @@ def main() -> None:
             ),
             flush=True,
         )
-    floors = {t: min(read_once(replies, t) for _ in range(args.repeat)) for t in (1, 2)}
-    for t, floor in floors.items():
+    floors = {
+        f"read_once_{t}_thread{'s' if t > 1 else ''}": min(
+            read_once(replies, t) for _ in range(args.repeat)
+        )
+        for t in (1, 2)
+    }
+    floors["read_once_blas"] = min(read_once_blas(replies) for _ in range(args.repeat))
+    for method, floor in floors.items():
         print(
             json.dumps(
                 {
                     "bench": "aggregate",
-                    "method": f"read_once_{t}_thread{'s' if t > 1 else ''}",
+                    "method": method,
                     "updates": args.updates,
                     "best_s": round(floor, 4),
                     "gb_per_s": round(args.updates * mb * 2**20 / floor / 1e9, 2),

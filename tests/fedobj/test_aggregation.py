@@ -222,6 +222,48 @@ def test_add_record_takes_flower_arrays_byte_for_byte_and_equals_add(kwargs) -> 
         np.testing.assert_array_equal(got[k], want[k])
 
 
+def test_add_record_takes_keys_in_any_order_on_the_fast_path() -> None:
+    """A reply listing its arrays in another order than the reference is read
+    by name, still byte for byte, and folds to the same mean."""
+    ups = _mixed_updates(5, 7)
+    ordered = StreamingMean(MIXED_REF, chunk=1000, group=2)
+    shuffled = StreamingMean(MIXED_REF, chunk=1000, group=2)
+    for arrays, w in ups:
+        assert ordered.add_record(_record(arrays), w) is None
+        backwards = dict(reversed(list(arrays.items())))
+        assert shuffled.add_record(_record(backwards), w) is None
+    assert shuffled.general_path == 0
+    want, got = ordered.result(), shuffled.result()
+    assert list(got) == list(MIXED_REF)
+    for k in MIXED_REF:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+@pytest.mark.parametrize("blas", [True, False])
+def test_fold_without_in_place_saxpy_equals_the_weighted_mean(  # type: ignore[no-untyped-def]
+    monkeypatch, blas: bool
+) -> None:
+    """Where scipy's saxpy does not add in place (or is missing), the fold takes
+    _axpy's checked path (BLAS with a copy-back, or numpy's two passes)."""
+    import fedobj.aggregation as aggregation
+
+    monkeypatch.setattr(aggregation, "_SAXPY_IN_PLACE", False)
+    if not blas:
+        monkeypatch.setattr(aggregation, "_saxpy", None)
+    ups = _mixed_updates(6, 8)
+    mean = StreamingMean(MIXED_REF, chunk=1000, group=4)
+    for arrays, w in ups:
+        assert mean.add_record(_record(arrays), w) is None
+    got = mean.result()
+    total = sum(w for _, w in ups)
+    for k, v in MIXED_REF.items():
+        expected = sum(a[k].astype(np.float64) * w for a, w in ups) / total
+        if v.dtype.kind == "i":
+            np.testing.assert_array_equal(got[k], np.rint(expected))
+        else:
+            np.testing.assert_allclose(got[k], expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
