@@ -207,8 +207,14 @@ def outcome_of(msg: Message) -> NodeOutcome:
             if isinstance(v, (int, float)):
                 values[k] = float(v)
     hist = msg.content.config_records.get(keys.LABEL_HISTOGRAM)
+    # a count that is not a non-negative integer says nothing true about the
+    # node's images (and would make the catalog refuse the whole histogram)
     labels = (
-        {str(k): int(v) for k, v in hist.items() if isinstance(v, int)}
+        {
+            str(k): int(v)
+            for k, v in hist.items()
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        }
         if hist is not None
         else {}
     )
@@ -233,6 +239,23 @@ def reply_weight(msg: Message) -> tuple[float, None] | tuple[None, str]:
     if n > 1e30:
         return None, f"num-examples is implausibly large ({n})"
     return float(n), None
+
+
+def balanced_weight(
+    labels: Mapping[str, int], examples: float, class_weights: Mapping[str, float]
+) -> tuple[float, None] | tuple[None, str]:
+    """A reply's class-balanced weight: its label histogram's counts times the
+    per-image weights (1 for a slug without one); its example count if it sent
+    no histogram; None and the reason if the weight is too small to fold."""
+    if not labels:
+        return examples, None
+    weight = sum(count * class_weights.get(slug, 1.0) for slug, count in labels.items())
+    if not (math.isfinite(weight) and 1e-30 <= weight <= 1e30):
+        return None, (
+            f"its label histogram gives a class-balanced weight of {weight!r} "
+            "(must be within [1e-30, 1e30])"
+        )
+    return weight, None
 
 
 ACC_FLOOR = 1e-30
@@ -263,6 +286,12 @@ class ReplyFolder:
         strategy's own ``aggregate_train``.
     perf_alpha
         PerfFedAvg's alpha; None for plain example-count weights.
+    class_weights
+        Per-image weights by category slug (``CatalogStrategy.class_weights``):
+        a streamed reply then weighs the sum over its label histogram of count x
+        weight (1 for a slug not listed) instead of its example count; a reply
+        without a histogram keeps its example count. Train metrics stay
+        weighted by example counts.
     """
 
     def __init__(
@@ -271,11 +300,13 @@ class ReplyFolder:
         *,
         stream: bool = True,
         perf_alpha: float | None = None,
+        class_weights: Mapping[str, float] | None = None,
     ) -> None:
         self.shapes = {k: tuple(int(d) for d in v.shape) for k, v in reference.items()}
         self.reference = {k: array_view(v) for k, v in reference.items()}
         self.stream = stream
         self.perf_alpha = perf_alpha
+        self.class_weights = class_weights
         self.outcomes: list[NodeOutcome] = []
         self.rejected: list[NodeOutcome] = []
         self.valid: list[Message] = []
@@ -297,11 +328,15 @@ class ReplyFolder:
         if n is not None and self.perf_alpha is not None:
             reason = _accuracy_problem(msg)
             n = None if reason is not None else n
-        if n is not None:
+        weight = n
+        if n is not None and self.stream and self.class_weights is not None:
+            weight, reason = balanced_weight(outcome.labels, n, self.class_weights)
+            n = None if reason is not None else n
+        if n is not None and weight is not None:
             record = msg.content.array_records[keys.ARRAYS]
             if self.stream:
                 # names and shapes checked now, values as they are folded in
-                reason = self._mean("_by_n").add_record(record, n, tag)
+                reason = self._mean("_by_n").add_record(record, weight, tag)
             else:
                 views = {k: array_view(v) for k, v in record.items()}
                 reason = validate_update(views, self.shapes, n)

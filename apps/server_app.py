@@ -262,6 +262,7 @@ def _run_with_catalog(
         central_dp=cfg.central_dp,
         overlap=cfg.overlap_rounds,
         dispatch_stagger=cfg.dispatch_stagger,
+        aggregation_weights=cfg.aggregation_weights,
         calibration=(
             CalibrationSettings(
                 cfg.calibration_samples,

@@ -198,6 +198,12 @@ class CatalogStrategy(Strategy):
     central_dp
         The ``central-dp`` mode ``inner`` is wrapped for; train messages carry it
         so nodes weigh their replies equally and clip where the mode says.
+    aggregation_weights
+        ``"examples"``: each reply weighs its example count (FedAvg's rule);
+        ``"class-balanced"``: each image weighs the inverse of its category's
+        share of the images the catalog has counted (``sample_count``, from the
+        nodes' label histograms), so that every category moves the mean as much
+        as any other however few nodes hold it (streaming strategies only).
     dispatch_stagger
         Push train messages longest-first (by each node's last training time),
         this many seconds apart, so that a Ray simulation's workers take them in
@@ -237,9 +243,15 @@ class CatalogStrategy(Strategy):
         overlap: bool = False,
         calibration: CalibrationSettings | None = None,
         dispatch_stagger: float = 0.0,
+        aggregation_weights: str = "examples",
     ) -> None:
         if promote not in ("latest", "best"):
             raise ValueError(f"promote must be 'latest' or 'best', got {promote!r}")
+        if aggregation_weights not in ("examples", "class-balanced"):
+            raise ValueError(
+                "aggregation_weights must be 'examples' or 'class-balanced', "
+                f"got {aggregation_weights!r}"
+            )
         self.inner = inner
         # a DP wrapper keeps the strategy it wraps (FedAdam's moments live there)
         self.base: Strategy = getattr(inner, "strategy", inner)
@@ -247,6 +259,13 @@ class CatalogStrategy(Strategy):
         # FedAvg, FedProx and PerfFedAvg aggregate as replies arrive; FedAdam
         # (and any wrapper) needs every reply together (apps/exchange.py)
         self.streams = type(inner) in (FedAvg, FedProx, PerfFedAvg)
+        if aggregation_weights != "examples" and not self.streams:
+            raise ValueError(
+                f"aggregation_weights={aggregation_weights!r} needs a strategy that "
+                f"folds replies as they arrive (FedAvg, FedProx, PerfFedAvg), not "
+                f"{type(inner).__name__}"
+            )
+        self.aggregation_weights = aggregation_weights
         self.catalog = catalog
         self.store = store
         self.model_args = model_args
@@ -264,7 +283,9 @@ class CatalogStrategy(Strategy):
         self.class_map = ClassMap()
         self.overlap = overlap
         self.reports: dict[int, RoundReport] = {}
-        self.counted_nodes: set[int] = set()
+        # per node, the category slugs whose images it has already added to the
+        # catalog's sample counts this run (bounded by nodes x categories)
+        self.counted_labels: dict[int, set[str]] = {}
         # the version the last finished round registered (parent of the next one
         # unless a rollback intervenes), the version this run believes is current
         # (a difference is an admin's move), and the last round that started from
@@ -566,6 +587,11 @@ class CatalogStrategy(Strategy):
             arrays,
             stream=self.streams,
             perf_alpha=getattr(self.base, "perf_alpha", None),
+            class_weights=(
+                self.class_weights()
+                if self.aggregation_weights == "class-balanced"
+                else None
+            ),
         )
         messages, stagger = dispatch_plan(
             messages, self.last_train_seconds, self.dispatch_stagger
@@ -936,11 +962,39 @@ class CatalogStrategy(Strategy):
             )
         return True
 
+    def class_weights(self) -> dict[str, float]:
+        """Per-image weights that make the round's active categories count the
+        same: the mean of their catalog sample counts over each one's count.
+
+        A category with no count yet (just added: its images were ignored until
+        now) is left out and its images weigh 1, as under example weights; it
+        is balanced from the round after its images are first counted.
+        """
+        active = {e.slug for e in self.class_map.entries if e.active}
+        counts: dict[str, int] = {}
+        page, offset = 500, 0
+        while True:
+            rows = self.catalog.list_categories(active=True, limit=page, offset=offset)
+            counts.update(
+                (c.slug, c.sample_count)
+                for c in rows
+                if c.slug in active and c.sample_count > 0
+            )
+            if len(rows) < page:
+                break
+            offset += page
+        if not counts:
+            return {}
+        mean = sum(counts.values()) / len(counts)
+        return {slug: mean / count for slug, count in counts.items()}
+
     def _node_seen(self, n: NodeResult) -> None:
         """Keep ``Node`` rows and categories' ``sample_count`` real.
 
-        A node's label histogram is added to the categories' counts once per run
-        (the first time it replies), so repeated rounds do not inflate them.
+        A node's count of a category is added once per run (the first time it
+        reports that category), so repeated rounds do not inflate the counts,
+        and a category added mid-run is counted on the nodes that were counted
+        before it existed (their images of it were ignored until then).
         """
         samples = sum(n.labels.values()) or int(n.metrics.get(keys.NUM_EXAMPLES, 0))
         self.catalog.upsert_node(
@@ -949,9 +1003,11 @@ class CatalogStrategy(Strategy):
             label_names=sorted(n.labels),
             dp_epsilon=n.metrics.get(keys.DP_EPSILON),
         )
-        if n.labels and n.node_id not in self.counted_nodes:
-            self.catalog.add_sample_counts(n.labels)
-            self.counted_nodes.add(n.node_id)
+        counted = self.counted_labels.setdefault(n.node_id, set())
+        fresh = {slug: c for slug, c in n.labels.items() if slug not in counted}
+        if fresh:
+            unknown = self.catalog.add_sample_counts(fresh)  # not (yet) categories
+            counted.update(slug for slug in fresh if slug not in unknown)
 
     def _record(self, report: RoundReport, replied: int) -> None:
         r = report.server_round

@@ -209,7 +209,10 @@ class StreamingMean:
     once per group instead of once per update, and memory never holds more than
     ``group`` updates, however many nodes reply. Within a chunk the group's
     weighted sum is formed in float32 (at most ``group`` terms), then added to the
-    float64 sums, so hundreds of float32 updates lose no precision.
+    float64 sums, so the error does not grow with the number of updates: at
+    most ``group`` float32 roundings per value and group (1.7e-7 relative for
+    100 MobileNetV3 updates in groups of 32, against 4.6e-7 for Flower's
+    float32 pass).
     Float32 arrays smaller than :data:`PACK_BELOW` (226 of MobileNetV3's 266,
     2% of its values) are packed into one buffer per update as it is added, so
     the fold makes one call per chunk for them rather than one per array:
@@ -277,8 +280,6 @@ class StreamingMean:
         self.general_path = 0  # records add_record could not take byte for byte
         self._tags: list[Any] = []  # of the pending updates
         self._refused: list[tuple[Any, str]] = []  # not yet returned by flush
-        # what each array of a reply must look like, byte for byte, to take the
-        # fast path of add_record: this numpy's np.save header, then the data
         # what each array of a reply must look like, byte for byte, to take the
         # fast path of add_record: this numpy's np.save header, then the data;
         # entries are (position among the reference's keys, header, file size, ...)
@@ -560,8 +561,9 @@ class StreamingMean:
         out = {}
         for key in self.dtypes:
             dtype = self.dtypes[key]
-            if dtype.kind in "iu":
-                out[key] = np.rint(sums[key] / self.total_weight).astype(dtype)
+            if dtype.kind != "f":  # integers rounded; bools, complex: numpy's cast
+                mean = sums[key] / self.total_weight
+                out[key] = (np.rint(mean) if dtype.kind in "iu" else mean).astype(dtype)
                 continue
             # straight into the output dtype: no float64 temporary of the model
             out[key] = np.divide(

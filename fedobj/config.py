@@ -22,6 +22,7 @@ from fedobj.train import DP_GRAD_SAMPLE_MODES, LOCAL_LOSSES, lr_for_round
 # "virtual-features": CCVR on the server each round (fedobj.calibration)
 HEAD_CALIBRATIONS = ("none", "virtual-features")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "perffedavg")
+AGGREGATION_WEIGHTS = ("examples", "class-balanced")
 LR_SCHEDULES = ("constant", "exponential", "cosine")
 SECAGG_MODULUS = 2**32
 """Flower's SecAgg+ mask modulus (its default and maximum; not configurable)."""
@@ -61,6 +62,7 @@ class RunConfig:
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     perf_alpha: float = 0.5
+    aggregation_weights: str = "examples"
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     classes_per_node: int = 2
@@ -209,12 +211,38 @@ class RunConfig:
         self._check_central_dp(need)
         self._check_secagg(need)
         self._check_calibration(need)
+        self._check_aggregation_weights(need)
         for key in ("dataset-dir", "outputs-dir", "pretrained-path"):
             value = getattr(self, key.replace("-", "_"))
             need(
                 not value or Path(value).is_absolute(),
                 key,
                 "must be an absolute path (nodes and the ServerApp run elsewhere)",
+            )
+
+    def _check_aggregation_weights(
+        self, need: Callable[[bool, str, str], None]
+    ) -> None:
+        need(
+            self.aggregation_weights in AGGREGATION_WEIGHTS,
+            "aggregation-weights",
+            f"must be one of {AGGREGATION_WEIGHTS}",
+        )
+        if self.aggregation_weights == "class-balanced":
+            # the weights come from the label histograms of replies folded as
+            # they arrive: FedAdam and the DP/SecAgg+ paths have neither
+            need(
+                self.strategy in ("fedavg", "fedprox", "perffedavg"),
+                "strategy",
+                "must be fedavg, fedprox or perffedavg with "
+                'aggregation-weights="class-balanced"',
+            )
+            need(
+                self.central_dp == "none" and not self.secagg and not self.dp,
+                "aggregation-weights",
+                'cannot be "class-balanced" with dp, central-dp or secagg (it '
+                "weighs replies by their label histograms, which those withhold "
+                "or aggregate elsewhere)",
             )
 
     def _check_calibration(self, need: Callable[[bool, str, str], None]) -> None:

@@ -586,3 +586,84 @@ def test_last_train_seconds_counts_empty_nodes_and_drops_bad_times() -> None:
         NodeResult(5, metrics={keys.TRAIN_SECONDS: 2.0}, failure="error"),
     ]
     assert last_train_seconds(outcomes) == {1: 4.0, 2: 0.0}
+
+
+def _histogram_reply(
+    delta: float, histogram: dict[str, int]
+) -> Callable[[Message], Message]:
+    def build(msg: Message) -> Message:
+        reply = plus(delta, n=sum(histogram.values()))(0, 0, msg)
+        reply.content[keys.LABEL_HISTOGRAM] = ConfigRecord(dict(histogram))
+        return reply
+
+    return build
+
+
+def test_class_balanced_weights_make_every_category_count_the_same(setup) -> None:
+    """Node 11 holds 30 t-shirts, nodes 12 and 13 hold 10 trousers each: by
+    examples node 11 weighs 3/5; balanced (t-shirts and trousers each half of
+    the weight) it weighs 1/2, and the round's mean moves accordingly."""
+    catalog, store, args, initial = setup
+    catalog.add_sample_counts({"t-shirt-top": 30, "trouser": 20})  # earlier runs
+    catalog.add_sample_counts({"pullover": 0})  # no count: left out
+    plans = {
+        11: _histogram_reply(1.0, {"t-shirt-top": 30}),
+        12: _histogram_reply(2.0, {"trouser": 10}),
+        13: _histogram_reply(3.0, {"trouser": 10}),
+    }
+    grid = ScriptedGrid(lambda rnd, node, msg: plans[node](msg))
+    strategy = make(
+        FedAvg(min_available_nodes=3, min_train_nodes=3),
+        catalog,
+        store,
+        args,
+        aggregation_weights="class-balanced",
+    )
+    strategy.start(grid, initial, num_rounds=1)
+    v1 = catalog.current_version()
+    ck = store.load_checkpoint(v1.checkpoint_uri, v1.checkpoint_sha256)
+    # weights 30 x 25/30, 10 x 25/20, 10 x 25/20 = 25, 12.5, 12.5
+    np.testing.assert_allclose(
+        ck.state_dict[HEAD_W].numpy(),
+        initial[HEAD_W].numpy() + (25 * 1 + 12.5 * 2 + 12.5 * 3) / 50,
+        rtol=1e-5,
+    )
+    assert strategy.class_weights() == pytest.approx(
+        {"t-shirt-top": 50 / 60, "trouser": 50 / 40}  # the round's counts added
+    )
+
+
+def test_class_balanced_weights_need_a_streaming_strategy(setup) -> None:
+    catalog, store, args, _ = setup
+    with pytest.raises(ValueError, match="FedAdam"):
+        make(
+            FedAdam(min_available_nodes=3, min_train_nodes=3),
+            catalog,
+            store,
+            args,
+            aggregation_weights="class-balanced",
+        )
+
+
+def test_a_category_added_mid_run_is_counted_on_nodes_counted_before(setup) -> None:
+    """Each node's images of a category count once per run, also when the
+    category appears after the node was first counted (its images of it were
+    ignored until then)."""
+    catalog, store, args, initial = setup
+
+    def behaviour(rnd: int, node: int, msg: Message) -> Message:
+        histogram = {"t-shirt-top": 10} | ({"shirt": 4} if rnd >= 2 else {})
+        return _histogram_reply(1.0, histogram)(msg)
+
+    grid = ScriptedGrid(behaviour)
+    grid.after_round[1] = lambda: catalog.add_category("Shirt")
+    strategy = make(
+        FedAvg(min_available_nodes=3, min_train_nodes=3),
+        catalog,
+        store,
+        args,
+        overlap=False,
+    )
+    strategy.start(grid, initial, num_rounds=3)
+    counts = {c.slug: c.sample_count for c in catalog.list_categories()}
+    assert counts["t-shirt-top"] == 30 and counts["shirt"] == 12

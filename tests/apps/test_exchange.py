@@ -5,10 +5,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from apps.exchange import ReplyFolder, dispatch_plan, exchange
+from apps.exchange import (
+    ReplyFolder,
+    balanced_weight,
+    dispatch_plan,
+    exchange,
+    outcome_of,
+)
 from fedobj import keys
 from fedobj.aggregation import perf_fedavg_weights
 from tests.apps.helpers import error_reply, instruction, reply, set_task_identity
@@ -358,3 +371,60 @@ def test_unusable_weights_are_rejected_not_raised(
     assert reason in str(folder.rejected[0].error)
     arrays, _ = folder.aggregate()
     assert arrays is not None
+
+
+def _with_histogram(msg: Message, histogram: dict[str, object]) -> Message:
+    msg.content[keys.LABEL_HISTOGRAM] = ConfigRecord(histogram)
+    return msg
+
+
+def test_class_balanced_weights_come_from_the_label_histograms() -> None:
+    """Each reply weighs its histogram's counts times the per-image weights (1
+    for a slug without one; its example count if it sent no histogram), while
+    the train metrics stay weighted by example counts."""
+    weights = {"shirt": 3.0, "coat": 0.5}
+    replies = [
+        _with_histogram(train_reply(11, 40), {"shirt": 10, "coat": 30}),  # 45
+        _with_histogram(train_reply(12, 60), {"coat": 20, "bag": 40}),  # 50
+        train_reply(13, 25),  # no histogram: 25
+    ]
+    folder = ReplyFolder(_record(REF), class_weights=weights)
+    for r in replies:
+        folder(r)
+    arrays, metrics = folder.aggregate()
+    assert arrays is not None and metrics is not None and not folder.rejected
+    expected_w = np.array([45.0, 50.0, 25.0])
+    for k in REF:
+        stack = np.stack(
+            [r.content.array_records[keys.ARRAYS][k].numpy() for r in replies]
+        ).astype(np.float64)
+        want = np.tensordot(expected_w / expected_w.sum(), stack, axes=1)
+        np.testing.assert_allclose(arrays[k].numpy(), want, rtol=1e-5, atol=1e-6)
+    # train-loss is 1/n per reply: weighted by examples, 3 replies / 125 examples
+    assert metrics[keys.TRAIN_LOSS] == pytest.approx(3 / 125)
+
+
+def test_a_histogram_that_weighs_nothing_is_rejected() -> None:
+    folder = ReplyFolder(_record(REF), class_weights={"shirt": 1.0})
+    folder(_with_histogram(train_reply(11, 40), {"shirt": 40}))
+    folder(_with_histogram(train_reply(12, 40), {"shirt": 0, "coat": 0}))
+    folder.finish()
+    assert [o.node_id for o in folder.rejected] == [12]
+    assert "class-balanced weight of 0" in str(folder.rejected[0].error)
+    assert folder.valid_count == 1
+
+
+def test_balanced_weight_rules() -> None:
+    assert balanced_weight({}, 17.0, {"a": 2.0}) == (17.0, None)
+    assert balanced_weight({"a": 3, "b": 4}, 7.0, {"a": 2.0}) == (10.0, None)
+    weight, reason = balanced_weight({"a": 3}, 3.0, {"a": float("inf")})
+    assert weight is None and reason is not None and "inf" in reason
+
+
+def test_a_histogram_count_that_is_not_a_count_is_dropped() -> None:
+    """Negative, boolean or non-integer counts say nothing about the node's
+    images (a negative one made the catalog refuse the whole histogram)."""
+    msg = _with_histogram(
+        train_reply(11, 40), {"shirt": 10, "coat": -5, "bag": True, "hat": 2.5}
+    )
+    assert outcome_of(msg).labels == {"shirt": 10}

@@ -465,3 +465,39 @@ def test_a_weight_float32_cannot_carry_is_refused(weight: float) -> None:
         mean.add_record(_record({"w": np.ones(2, np.float32)}), weight)
     with pytest.raises(ValueError, match="weight"):
         mean.add({"w": np.ones(2, np.float32)}, weight)
+
+
+def test_with_the_default_chunk_only_arrays_under_pack_below_are_packed() -> None:
+    from fedobj.aggregation import PACK_BELOW
+
+    ref = {
+        "under": np.zeros(PACK_BELOW - 1, np.float32),
+        "at": np.zeros(PACK_BELOW, np.float32),
+        "bias": np.zeros(7, np.float32),
+        "big": np.zeros((300, 300), np.float32),
+    }
+    mean = StreamingMean(ref)
+    assert sorted(mean._packed) == ["bias", "under"]
+    rng = np.random.default_rng(9)
+    ups = [
+        ({k: rng.normal(size=v.shape).astype(np.float32) for k, v in ref.items()}, w)
+        for w in (3.0, 5.0, 11.0)
+    ]
+    for arrays, w in ups:
+        assert mean.add_record(_record(arrays), w) is None
+    got = mean.result()
+    for k in ref:
+        want = sum(a[k].astype(np.float64) * w for a, w in ups) / 19.0
+        np.testing.assert_allclose(got[k], want, rtol=1e-6, atol=1e-6)
+
+
+def test_bool_arrays_come_back_as_bools() -> None:
+    """A bool buffer (a mask) is averaged and cast back as numpy casts it."""
+    ref = {"w": np.zeros(3, np.float32), "mask": np.zeros(3, bool)}
+    mean = StreamingMean(ref)
+    for mask, w in (([True, False, True], 10.0), ([True, False, False], 5.0)):
+        update = {"w": np.ones(3, np.float32), "mask": np.array(mask)}
+        assert mean.add_record(_record(update), w) is None
+    got = mean.result()
+    assert got["mask"].dtype == bool
+    np.testing.assert_array_equal(got["mask"], [True, False, True])

@@ -55,6 +55,27 @@ def test_bad_run_config_names_the_key(key: str, value: object) -> None:
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ({"aggregation-weights": "balanced"}, "aggregation-weights"),
+        ({"strategy": "fedadam"}, "strategy"),
+        ({"dp": True}, "aggregation-weights"),
+        ({"secagg": True, "min-nodes": 3}, "aggregation-weights"),
+        ({"central-dp": "server-fixed"}, "aggregation-weights"),
+    ],
+)
+def test_class_balanced_weights_refuse_what_cannot_carry_them(
+    extra: dict[str, object], key: str
+) -> None:
+    config = {"aggregation-weights": "class-balanced"} | extra
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_flower(config)
+    assert f"`{key}`" in str(err.value)
+    ok = RunConfig.from_flower({"aggregation-weights": "class-balanced"})
+    assert ok.aggregation_weights == "class-balanced"
+
+
 def test_run_config_types_are_coerced() -> None:
     cfg = RunConfig.from_flower({"lr": 1, "num-server-rounds": 3, "model": "cnn"})
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.num_server_rounds == 3
