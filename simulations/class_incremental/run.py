@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -67,6 +68,19 @@ def recipe_config(setting: str, variant: str, args: argparse.Namespace) -> str:
     return f"{recipe['all']} {growth.format(after=after)}".strip()
 
 
+def merge_run_config(*parts: str) -> str:
+    """Flower run-config strings merged, a later ``key=value`` replacing an
+    earlier one (Flower refuses a key given twice)."""
+    merged: dict[str, str] = {}
+    for part in parts:
+        pairs = re.findall(r'([^\s=]+)=("[^"]*"|\S+)', part)
+        leftover = re.sub(r'([^\s=]+)=("[^"]*"|\S+)', "", part).strip()
+        if leftover:
+            raise SystemExit(f"run config: cannot read {leftover!r} in {part!r}")
+        merged.update(pairs)
+    return " ".join(f"{k}={v}" for k, v in merged.items())
+
+
 def class_accuracies(metrics: dict[str, float]) -> tuple[float, float, float]:
     """(old, new, all) from a version's per-class accuracies (missing class = 0)."""
     per = [float(metrics.get(f"class-{k}-accuracy", 0.0)) for k in range(10)]
@@ -81,20 +95,26 @@ def run_variant(
         tmp / "flwr", 39491, 39493, {"FEDOBJ_OUTPUTS_DIR": str(tmp / "outputs")}
     )
     link.start()
-    run_config = (
+    run_config = merge_run_config(
         f"num-server-rounds={args.rounds} min-nodes={args.nodes} "
         f'database-url="sqlite:///{db}" partitioner="iid" '
-        f"initial-categories={10 if variant == 'joint' else OLD} "
-        f"distill-weight={1.0 if variant == 'distill' else 0.0} "
+        f"initial-categories={10 if variant == 'joint' else OLD} distill-weight=1.0 "
         f'class-split="{"disjoint" if setting == "disjoint" else "none"}" '
-        f"seed={seed} {recipe_config(setting, variant, args)} {args.run_config}"
+        f"seed={seed}",
+        recipe_config(setting, variant, args),
+        args.run_config,
+        # what makes the variant what it is wins over any override
+        "distill-weight=0.0" if variant != "distill" else "",
     )
-    proc = subprocess.Popen(
-        link.run_command(ROOT, args.nodes, run_config),
-        env=link.cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
+    # the run's own output, kept: a failed run must say why
+    run_log = args.out / f"{args.name or setting}-{variant}-{seed}.log"
+    with run_log.open("wb") as out:
+        proc = subprocess.Popen(
+            link.run_command(ROOT, args.nodes, run_config),
+            env=link.cli_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     catalog = SyncCatalog(db)
     grown = variant == "joint"
     try:
@@ -115,7 +135,11 @@ def run_variant(
             proc.kill()
         link.stop()
     if proc.returncode != 0:
-        raise RuntimeError(f"{setting}/{variant}: flwr run exited {proc.returncode}")
+        tail = run_log.read_text(errors="replace").splitlines()[-30:]
+        raise RuntimeError(
+            f"{setting}/{variant}: flwr run exited {proc.returncode}; the last lines "
+            f"of {run_log}:\n" + "\n".join(tail)
+        )
     rows = []
     for v in sorted(catalog.list_versions(), key=lambda v: v.round):
         old, new, all_ = class_accuracies(v.metrics)
