@@ -124,6 +124,7 @@ def train_fn(msg: Message, context: Context) -> Message:
         distill_classes=int(config.get(keys.DISTILL_CLASSES, 0)),
         distill_weight=cfg.distill_weight,
         distill_temperature=cfg.distill_temperature,
+        distill_samples=cfg.distill_samples,
         local_loss=cfg.local_loss,
         restricted_alpha=cfg.restricted_alpha,
         logit_adjust_tau=cfg.logit_adjust_tau,

@@ -87,6 +87,7 @@ class RunConfig:
     distill_weight: float = 1.0
     distill_rounds: int = 5
     distill_temperature: float = 2.0
+    distill_samples: str = "all"
     local_loss: str = "ce"
     restricted_alpha: float = 0.5
     logit_adjust_tau: float = 1.0
@@ -174,6 +175,11 @@ class RunConfig:
         need(self.distill_weight >= 0, "distill-weight", "must be >= 0")
         need(self.distill_rounds >= 0, "distill-rounds", "must be >= 0")
         need(self.distill_temperature > 0, "distill-temperature", "must be > 0")
+        need(
+            self.distill_samples in ("all", "old"),
+            "distill-samples",
+            "must be all or old",
+        )
         need(
             self.local_loss in LOCAL_LOSSES,
             "local-loss",

@@ -112,6 +112,10 @@ class TrainConfig:
     distill_classes: int = 0  # > 0: distil the first k classes' outputs (LwF)
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
+    # "all": every image (LwF); "old": only images of the old classes, so a
+    # node's images of a new class are not held to what the old model made
+    # of them (it saw a shirt as a T-shirt, a pullover or a coat)
+    distill_samples: str = "all"
     local_loss: str = "ce"  # one of LOCAL_LOSSES: how classes absent locally count
     restricted_alpha: float = 0.5  # "restricted": scale of absent classes' logits
     logit_adjust_tau: float = 1.0  # "logit-adjusted": weight of log local prior
@@ -338,11 +342,19 @@ def _train(
             loss = F.cross_entropy(logits, y)
             if distil:
                 assert teacher_forward is not None
-                with torch.no_grad():
-                    target = teacher_forward(x)
-                loss = loss + cfg.distill_weight * distillation_loss(
-                    raw, target, old_classes, cfg.distill_temperature
-                )
+                keep = y < cfg.distill_classes if cfg.distill_samples == "old" else None
+                if keep is None or bool(keep.any()):
+                    with torch.no_grad():
+                        target = teacher_forward(x)
+                    student = raw
+                    if keep is not None:
+                        student, target = raw[keep], target[keep]
+                    # a batch mean over the kept images, scaled by their share:
+                    # each kept image pulls as hard as under "all"
+                    share = 1.0 if keep is None else float(keep.sum()) / len(y)
+                    loss = loss + cfg.distill_weight * share * distillation_loss(
+                        student, target, old_classes, cfg.distill_temperature
+                    )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.proximal_mu > 0:

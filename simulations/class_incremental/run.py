@@ -153,6 +153,13 @@ def run_variant(
             "new_accuracy": round(new, 4),
             "all_accuracy": round(all_, 4),
         }
+        # per class too: which category holds the gap (missing class = 0)
+        row |= {
+            f"class_{k}_accuracy": round(
+                float(v.metrics.get(f"class-{k}-accuracy", 0.0)), 4
+            )
+            for k in range(10)
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

@@ -20,7 +20,14 @@ from fedobj.model import (
     save_checkpoint,
 )
 from fedobj.model.factory import head_keys
-from fedobj.train import TrainConfig, evaluate, lr_for_round, map_to_class_map, train
+from fedobj.train import (
+    LabelledTensors,
+    TrainConfig,
+    evaluate,
+    lr_for_round,
+    map_to_class_map,
+    train,
+)
 
 
 @pytest.mark.parametrize(
@@ -230,6 +237,47 @@ def test_distillation_keeps_old_class_outputs_near_the_teacher() -> None:
 
     without, with_ = drift(0.0), drift(2.0)
     assert with_ < 0.7 * without, (with_, without)
+
+
+def test_distilling_old_samples_only_leaves_new_class_images_free() -> None:
+    """``distill-samples=old``: a node holding only new-class images trains as
+    without distillation (bit for bit), while ``all`` holds those images to the
+    teacher's old-class outputs; on old-class images both distil."""
+    import copy
+
+    cm = fashion_mnist_class_map()
+    tensors = map_to_class_map(load_fashion_mnist("train").subset(np.arange(600)), cm)
+    labels = tensors.tensors.labels.numpy()
+    keep = torch.as_tensor(np.flatnonzero(labels >= 6))
+    new_only = LabelledTensors(
+        tensors.tensors.images[keep], tensors.tensors.labels[keep]
+    )
+    torch.manual_seed(0)
+    start = build_model(ModelArgs("cnn", 10))
+
+    def trained(data, weight: float, samples: str) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+        model = copy.deepcopy(start)
+        cfg = TrainConfig(
+            lr=0.02,
+            seed=3,
+            distill_classes=6,
+            distill_weight=weight,
+            distill_samples=samples,
+        )
+        torch.manual_seed(5)  # dropout draws from the global generator
+        train(model, data, cfg, teacher=copy.deepcopy(start))
+        return [p.detach().clone() for p in model.parameters()]
+
+    plain = trained(new_only, 0.0, "all")
+    old_only = trained(new_only, 2.0, "old")
+    every = trained(new_only, 2.0, "all")
+    assert all(torch.equal(a, b) for a, b in zip(plain, old_only, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(plain, every, strict=True))
+    mixed_plain = trained(tensors.tensors, 0.0, "all")
+    mixed_old = trained(tensors.tensors, 2.0, "old")
+    assert not all(
+        torch.equal(a, b) for a, b in zip(mixed_plain, mixed_old, strict=True)
+    )
 
 
 def test_distillation_ignores_masked_rows() -> None:
