@@ -3,8 +3,9 @@
 The catalog starts with the first 6 Fashion-MNIST categories; every node holds
 images of all 10 (*shared*) or, in *disjoint*, 70% of nodes hold only the 6 old
 categories and 30% only the 4 new ones (names not yet in the catalog are ignored).
-After round ``--grow-after`` this script adds the 4 new categories to the run's
-catalog through ``fedobj.catalog`` (what the admin API calls) while the run goes on.
+While round ``--grow-after`` trains (its catalog snapshot taken), this script adds
+the 4 new categories to the run's catalog through ``fedobj.catalog`` (what the admin
+API calls), so the head grows at the next round, every time.
 
 Variants: ``distill`` (grow, LwF distillation), ``no-distill`` (grow, none), ``joint``
 (all 10 categories from round 1, same rounds). Per round, with the full head:
@@ -122,8 +123,16 @@ def run_variant(
             time.sleep(0.5)
             if grown:
                 continue
+            # round R's row is written after its catalog snapshot: categories
+            # added while round R trains are in round R+1's snapshot, always
+            # (waiting for round R's version raced round R+1's snapshot, so the
+            # growth landed at R+1 or R+2 by chance until 2026-11-23)
             try:
-                done = any(v.round >= args.grow_after for v in catalog.list_versions())
+                done = any(
+                    r.round >= args.grow_after
+                    for run in catalog.list_runs()
+                    for r in catalog.rounds(run.run_id)
+                )
             except Exception:  # the run is still creating its catalog
                 done = False
             if done:
