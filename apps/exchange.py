@@ -213,12 +213,29 @@ def outcome_of(msg: Message) -> NodeOutcome:
         {
             str(k): int(v)
             for k, v in hist.items()
-            if isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_COUNT
         }
         if hist is not None
         else {}
     )
     return NodeOutcome(node, values, labels=labels)
+
+
+MAX_COUNT = 2**53
+"""The largest example or image count a reply may claim: float64 holds every
+integer up to it, and the catalog's 64-bit INTEGER columns hold it (a larger one
+made the round's bookkeeping raise and the run abort)."""
+
+
+def count_of(value: object) -> int:
+    """A reported count as the catalog stores it: 0 for anything that is not
+    a finite number in [0, MAX_COUNT] (an evaluate reply's count is not checked
+    elsewhere, and a NaN or 1e19 made ``int()`` or SQLite raise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    if not (math.isfinite(value) and 0 <= value <= MAX_COUNT):
+        return 0
+    return int(value)
 
 
 def reply_weight(msg: Message) -> tuple[float, None] | tuple[None, str]:
@@ -236,7 +253,7 @@ def reply_weight(msg: Message) -> tuple[float, None] | tuple[None, str]:
         return None, f"num-examples is not a finite number ({n!r})"
     if n < 1e-30:  # too small to weigh in float32 (and not a count)
         return None, f"num-examples must be > 0 (at least 1e-30), got {n}"
-    if n > 1e30:
+    if n > MAX_COUNT:
         return None, f"num-examples is implausibly large ({n})"
     return float(n), None
 
@@ -249,6 +266,11 @@ def balanced_weight(
     no histogram; None and the reason if the weight is too small to fold."""
     if not labels:
         return examples, None
+    if sum(labels.values()) != examples:  # what it trained on, counted twice
+        return None, (
+            f"its label histogram counts {sum(labels.values())} images, its "
+            f"num-examples {examples:g}"
+        )
     weight = sum(count * class_weights.get(slug, 1.0) for slug, count in labels.items())
     if not (math.isfinite(weight) and 1e-30 <= weight <= 1e30):
         return None, (

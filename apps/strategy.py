@@ -17,6 +17,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +32,14 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from apps.central_dp import PROVENANCE_KEY, spend, wrap_central_dp
 from apps.exchange import NodeOutcome as NodeResult
-from apps.exchange import ReplyFolder, dispatch_plan, exchange, missing, outcome_of
+from apps.exchange import (
+    ReplyFolder,
+    count_of,
+    dispatch_plan,
+    exchange,
+    missing,
+    outcome_of,
+)
 from apps.perffedavg import PerfFedAvg
 from apps.records import put_model_context
 from fedobj import keys
@@ -201,9 +209,10 @@ class CatalogStrategy(Strategy):
     aggregation_weights
         ``"examples"``: each reply weighs its example count (FedAvg's rule);
         ``"class-balanced"``: each image weighs the inverse of its category's
-        share of the images the catalog has counted (``sample_count``, from the
-        nodes' label histograms), so that every category moves the mean as much
-        as any other however few nodes hold it (streaming strategies only).
+        share of the images this run's nodes have reported (their label
+        histograms, each node's images of a category counted once), so that
+        every category moves the mean as much as any other however few nodes
+        hold it (streaming strategies only; see :meth:`class_weights`).
     dispatch_stagger
         Push train messages longest-first (by each node's last training time),
         this many seconds apart, so that a Ray simulation's workers take them in
@@ -286,6 +295,10 @@ class CatalogStrategy(Strategy):
         # per node, the category slugs whose images it has already added to the
         # catalog's sample counts this run (bounded by nodes x categories)
         self.counted_labels: dict[int, set[str]] = {}
+        # this run's images per category, each node's counted once (the
+        # class-balanced weights; rounds may finish in a worker thread)
+        self.run_label_counts: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
         # the version the last finished round registered (parent of the next one
         # unless a rollback intervenes), the version this run believes is current
         # (a difference is an admin's move), and the last round that started from
@@ -964,31 +977,26 @@ class CatalogStrategy(Strategy):
 
     def class_weights(self) -> dict[str, float]:
         """Per-image weights that make the round's active categories count the
-        same: the mean of their catalog sample counts over each one's count.
+        same: the mean of their image counts over each one's count.
 
-        A category with no count yet (just added: its images were ignored until
-        now) is left out and its images weigh 1, as under example weights; it
-        is balanced from the round after its images are first counted.
+        The counts are this run's: each node's images of a category, once, as
+        its replies reported them (the catalog's ``sample_count`` adds up every
+        run ever made, so a category added late would weigh several times the
+        others). A category with no count yet (just added: its images were
+        ignored until now) is left out and its images weigh 1, as under example
+        weights; it is balanced from the round after its images are counted
+        (two rounds after, with ``overlap``: counts are taken as rounds finish).
         """
         active = {e.slug for e in self.class_map.entries if e.active}
-        counts: dict[str, int] = {}
-        page, offset = 500, 0
-        while True:
-            rows = self.catalog.list_categories(active=True, limit=page, offset=offset)
-            counts.update(
-                (c.slug, c.sample_count)
-                for c in rows
-                if c.slug in active and c.sample_count > 0
-            )
-            if len(rows) < page:
-                break
-            offset += page
+        with self._counts_lock:
+            counts = {s: c for s, c in self.run_label_counts.items() if s in active}
+        counts = {s: c for s, c in counts.items() if c > 0}
         if not counts:
             return {}
         mean = sum(counts.values()) / len(counts)
         return {slug: mean / count for slug, count in counts.items()}
 
-    def _node_seen(self, n: NodeResult) -> None:
+    def _node_seen(self, n: NodeResult, class_map: ClassMap) -> None:
         """Keep ``Node`` rows and categories' ``sample_count`` real.
 
         A node's count of a category is added once per run (the first time it
@@ -996,18 +1004,31 @@ class CatalogStrategy(Strategy):
         and a category added mid-run is counted on the nodes that were counted
         before it existed (their images of it were ignored until then).
         """
-        samples = sum(n.labels.values()) or int(n.metrics.get(keys.NUM_EXAMPLES, 0))
+        examples = count_of(n.metrics.get(keys.NUM_EXAMPLES))
+        # a histogram counts the images the node trained on: one that does not
+        # add up to its example count, or names a slug outside the round's class
+        # map, says nothing true and is not counted (it would skew the counts
+        # every later class-balanced run reads)
+        labels = n.labels
+        if sum(labels.values()) != examples or not set(labels) <= set(
+            class_map.slug_to_index
+        ):
+            labels = {}
         self.catalog.upsert_node(
             n.node_id,
-            samples=samples,
-            label_names=sorted(n.labels),
+            samples=examples,
+            label_names=sorted(labels),
             dp_epsilon=n.metrics.get(keys.DP_EPSILON),
         )
         counted = self.counted_labels.setdefault(n.node_id, set())
-        fresh = {slug: c for slug, c in n.labels.items() if slug not in counted}
+        fresh = {slug: c for slug, c in labels.items() if slug not in counted}
         if fresh:
-            unknown = self.catalog.add_sample_counts(fresh)  # not (yet) categories
-            counted.update(slug for slug in fresh if slug not in unknown)
+            unknown = self.catalog.add_sample_counts(fresh)  # deleted meanwhile
+            counted.update(fresh)
+            with self._counts_lock:
+                self.run_label_counts.update(
+                    {s: c for s, c in fresh.items() if s not in unknown}
+                )
 
     def _record(self, report: RoundReport, replied: int) -> None:
         r = report.server_round
@@ -1023,7 +1044,7 @@ class CatalogStrategy(Strategy):
                     r,
                     n.node_id,
                     kind,
-                    num_examples=int(m.get(keys.NUM_EXAMPLES, 0)),
+                    num_examples=count_of(m.get(keys.NUM_EXAMPLES)),
                     loss=m.get(keys.TRAIN_LOSS if kind == "train" else keys.EVAL_LOSS),
                     accuracy=m.get(
                         keys.TRAIN_ACCURACY if kind == "train" else keys.EVAL_ACCURACY
@@ -1031,7 +1052,7 @@ class CatalogStrategy(Strategy):
                     error=error,
                 )
                 if kind == "train" and n.error is None:
-                    self._node_seen(n)
+                    self._node_seen(n, report.class_map)
         self.catalog.finish_round(
             self.run_id,
             r,

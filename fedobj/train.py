@@ -254,7 +254,9 @@ def train(
     (its gradient is mu * (w - w_global)), which avoids building it into the graph.
     With a ``teacher`` (the global model as received) and ``cfg.distill_classes``
     k > 0, the loss also pulls the old classes' outputs towards the teacher's, so a
-    node holding only new-category images does not erase what the head knew.
+    node holding only new-category images does not erase what the head knew
+    (``distill_samples="old"`` distils on old-class images only: such a node
+    then trains as without distillation).
     """
     if len(data) == 0:
         raise ValueError("no training samples after mapping through the class map")

@@ -602,10 +602,10 @@ def _histogram_reply(
 def test_class_balanced_weights_make_every_category_count_the_same(setup) -> None:
     """Node 11 holds 30 t-shirts, nodes 12 and 13 hold 10 trousers each: by
     examples node 11 weighs 3/5; balanced (t-shirts and trousers each half of
-    the weight) it weighs 1/2, and the round's mean moves accordingly."""
+    the weight) it weighs 1/2. The counts are this run's (round 1, with none
+    yet, weighs by examples), not the catalog's, which earlier runs inflated."""
     catalog, store, args, initial = setup
-    catalog.add_sample_counts({"t-shirt-top": 30, "trouser": 20})  # earlier runs
-    catalog.add_sample_counts({"pullover": 0})  # no count: left out
+    catalog.add_sample_counts({"t-shirt-top": 3000})  # earlier runs: ignored
     plans = {
         11: _histogram_reply(1.0, {"t-shirt-top": 30}),
         12: _histogram_reply(2.0, {"trouser": 10}),
@@ -618,19 +618,59 @@ def test_class_balanced_weights_make_every_category_count_the_same(setup) -> Non
         store,
         args,
         aggregation_weights="class-balanced",
+        overlap=False,
     )
-    strategy.start(grid, initial, num_rounds=1)
-    v1 = catalog.current_version()
-    ck = store.load_checkpoint(v1.checkpoint_uri, v1.checkpoint_sha256)
-    # weights 30 x 25/30, 10 x 25/20, 10 x 25/20 = 25, 12.5, 12.5
+    strategy.start(grid, initial, num_rounds=2)
+    v1, v2 = sorted(catalog.list_versions(), key=lambda v: v.round)
+    heads = [
+        store.load_checkpoint(v.checkpoint_uri, v.checkpoint_sha256).state_dict[HEAD_W]
+        for v in (v1, v2)
+    ]
+    w0 = initial[HEAD_W].numpy()
+    # round 1: 30, 10, 10 examples; round 2: 30 x 25/30, 10 x 25/20, 10 x 25/20
+    np.testing.assert_allclose(heads[0].numpy(), w0 + 80 / 50, rtol=1e-5)
     np.testing.assert_allclose(
-        ck.state_dict[HEAD_W].numpy(),
-        initial[HEAD_W].numpy() + (25 * 1 + 12.5 * 2 + 12.5 * 3) / 50,
-        rtol=1e-5,
+        heads[1].numpy(), w0 + 80 / 50 + (25 * 1 + 12.5 * 2 + 12.5 * 3) / 50, rtol=1e-5
     )
     assert strategy.class_weights() == pytest.approx(
-        {"t-shirt-top": 50 / 60, "trouser": 50 / 40}  # the round's counts added
+        {"t-shirt-top": 25 / 30, "trouser": 25 / 20}
     )
+
+
+def test_a_histogram_that_does_not_add_up_is_not_counted(setup) -> None:
+    """A node claiming 10**15 trousers (its example count says 10), and an
+    evaluate reply whose example count is NaN or beyond SQLite's INTEGER, leave
+    the counts and the run alone (they made the round's bookkeeping raise)."""
+    catalog, store, args, initial = setup
+
+    def train_reply(rnd: int, node: int, msg: Message) -> Message:
+        histogram = {"t-shirt-top": 10}
+        if node == 13:
+            histogram = {"t-shirt-top": 10, "trouser": 10**15}
+        reply = _histogram_reply(1.0, {"t-shirt-top": 10})(msg)
+        reply.content[keys.LABEL_HISTOGRAM] = ConfigRecord(histogram)
+        return reply
+
+    def evaluate_reply(rnd: int, node: int, msg: Message) -> Message:
+        reply = _evaluated(msg)
+        bad = {11: float("nan"), 12: 1.4e19}.get(node)
+        if bad is not None:
+            reply.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES] = bad
+        return reply
+
+    grid = ScriptedGrid(train_reply, evaluate_reply)
+    strategy = make(
+        FedAvg(min_available_nodes=3, min_train_nodes=3),
+        catalog,
+        store,
+        args,
+        overlap=False,
+    )
+    strategy.start(grid, initial, num_rounds=2)
+    counts = {c.slug: c.sample_count for c in catalog.list_categories()}
+    assert counts["t-shirt-top"] == 20 and counts["trouser"] == 0
+    assert [r.status for r in catalog.rounds("run-1")] == ["completed", "completed"]
+    assert strategy.run_label_counts == {"t-shirt-top": 20}
 
 
 def test_class_balanced_weights_need_a_streaming_strategy(setup) -> None:

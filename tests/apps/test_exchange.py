@@ -18,6 +18,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from apps.exchange import (
     ReplyFolder,
     balanced_weight,
+    count_of,
     dispatch_plan,
     exchange,
     outcome_of,
@@ -404,14 +405,45 @@ def test_class_balanced_weights_come_from_the_label_histograms() -> None:
     assert metrics[keys.TRAIN_LOSS] == pytest.approx(3 / 125)
 
 
-def test_a_histogram_that_weighs_nothing_is_rejected() -> None:
-    folder = ReplyFolder(_record(REF), class_weights={"shirt": 1.0})
-    folder(_with_histogram(train_reply(11, 40), {"shirt": 40}))
-    folder(_with_histogram(train_reply(12, 40), {"shirt": 0, "coat": 0}))
+@pytest.mark.parametrize(
+    ("histogram", "weights", "reason"),
+    [
+        ({"shirt": 40}, {"shirt": 1e-40}, "class-balanced weight of 4e-39"),
+        ({"shirt": 0, "coat": 0}, {}, "counts 0 images, its num-examples 40"),
+        ({"shirt": 10**15}, {}, "counts 1000000000000000 images"),
+    ],
+)
+def test_a_histogram_that_cannot_weigh_its_reply_is_rejected(
+    histogram: dict[str, int], weights: dict[str, float], reason: str
+) -> None:
+    """A weight too small to fold, or a histogram that does not add up to the
+    example count (a node inflating a category to shrink everyone else's)."""
+    folder = ReplyFolder(_record(REF), class_weights={"coat": 1.0} | weights)
+    folder(_with_histogram(train_reply(11, 40), {"coat": 40}))
+    folder(_with_histogram(train_reply(12, 40), histogram))
     folder.finish()
     assert [o.node_id for o in folder.rejected] == [12]
-    assert "class-balanced weight of 0" in str(folder.rejected[0].error)
+    assert reason in str(folder.rejected[0].error)
     assert folder.valid_count == 1
+
+
+def test_counts_beyond_what_float64_and_the_catalog_hold_are_refused() -> None:
+    folder = ReplyFolder(_record(REF))
+    huge = train_reply(12, 10)
+    huge.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES] = 1.4e19
+    folder(huge)
+    assert "implausibly large" in str(folder.rejected[0].error)
+    msg = _with_histogram(train_reply(11, 40), {"shirt": 2**62, "coat": 40})
+    assert outcome_of(msg).labels == {"coat": 40}
+    assert [count_of(v) for v in (5, 5.0, float("nan"), 1e19, -1, True, "7")] == [
+        5,
+        5,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]
 
 
 def test_balanced_weight_rules() -> None:
