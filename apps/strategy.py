@@ -1007,8 +1007,8 @@ class CatalogStrategy(Strategy):
         examples = count_of(n.metrics.get(keys.NUM_EXAMPLES))
         # a histogram counts the images the node trained on: one that does not
         # add up to its example count, or names a slug outside the round's class
-        # map, says nothing true and is not counted (it would skew the counts
-        # every later class-balanced run reads)
+        # map, says nothing true and is not counted (it would skew the catalog's
+        # counts for good, and this run's class-balanced weights)
         labels = n.labels
         if sum(labels.values()) != examples or not set(labels) <= set(
             class_map.slug_to_index
