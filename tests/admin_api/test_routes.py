@@ -299,14 +299,19 @@ def _app_with(api: ApiEnv, **overrides: object):  # type: ignore[no-untyped-def]
 
 
 def test_rate_limit_answers_429_problem(api: ApiEnv) -> None:
+    """Requests until the limiter answers (bounded): a 429 problem document,
+    after at least the 3 allowed in a window. The window is wall-clock seconds,
+    so the test asks for no timing (a loaded CI machine once let a request
+    through after the first 429: the next second had begun)."""
     with _app_with(api, rate_limit_per_second=3) as client:
-        codes = [
-            client.get(f"{V1}/categories", headers=api.auth("viewer")).status_code
-            for _ in range(6)
-        ]
-        assert codes[:3] == [200, 200, 200] and 429 in codes[3:], codes
-        limited = client.get(f"{V1}/categories", headers=api.auth("viewer"))
-        _problem(limited, 429)
+        answered = 0
+        for _ in range(200):
+            resp = client.get(f"{V1}/categories", headers=api.auth("viewer"))
+            if resp.status_code != 200:
+                break
+            answered += 1
+        _problem(resp, 429)
+        assert answered >= 3
         assert client.get("/health").status_code == 200  # not limited
 
 
