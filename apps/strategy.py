@@ -989,8 +989,9 @@ class CatalogStrategy(Strategy):
         """
         active = {e.slug for e in self.class_map.entries if e.active}
         with self._counts_lock:
-            counts = {s: c for s, c in self.run_label_counts.items() if s in active}
-        counts = {s: c for s, c in counts.items() if c > 0}
+            counts = {
+                s: c for s, c in self.run_label_counts.items() if s in active and c > 0
+            }
         if not counts:
             return {}
         mean = sum(counts.values()) / len(counts)
