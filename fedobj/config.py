@@ -93,6 +93,7 @@ class RunConfig:
     logit_adjust_tau: float = 1.0
     class_split: str = "none"
     new_node_fraction: float = 0.3
+    split_first_new: int = 0
     promote: str = "latest"
     dp: bool = False
     dp_epsilon: float = 8.0
@@ -193,6 +194,11 @@ class RunConfig:
             "must be none or disjoint",
         )
         need(0 < self.new_node_fraction < 1, "new-node-fraction", "must be in (0, 1)")
+        need(
+            0 <= self.split_first_new <= 10,
+            "split-first-new",
+            "must be between 0 (= initial-categories) and 10",
+        )
         need(self.lease_ttl > 0, "lease-ttl", "must be > 0")
         need(
             0 <= self.dispatch_stagger <= 1,
@@ -440,10 +446,17 @@ class RunConfig:
 
     @property
     def data_split(self) -> tuple[int, float] | None:
-        """For ``class-split=disjoint``: (first new class, share of new-only nodes)."""
+        """For ``class-split=disjoint``: (first new class, share of new-only nodes).
+
+        The first new class is ``split-first-new``, or ``initial-categories`` when 0.
+        A joint-training baseline (all 10 categories from round 1) sets it to the
+        growing runs' split so that it trains on the same nodes' same images: split
+        at ``initial-categories=10``, its new-only nodes would hold nothing and the
+        others every category, an easier federation than the one it is compared to.
+        """
         if self.class_split != "disjoint":
             return None
-        return self.initial_categories, self.new_node_fraction
+        return self.split_first_new or self.initial_categories, self.new_node_fraction
 
     def lr_at(self, server_round: int) -> float:
         """The learning rate nodes use in ``server_round``."""

@@ -88,6 +88,26 @@ def class_accuracies(metrics: dict[str, float]) -> tuple[float, float, float]:
     return sum(per[:OLD]) / OLD, sum(per[OLD:]) / (10 - OLD), sum(per) / 10
 
 
+def scenario_run_config(
+    variant: str, setting: str, seed: int, args: argparse.Namespace, db: Path
+) -> str:
+    """The run config of one variant's run: the scenario, the setting's recipe,
+    the user's overrides, then what makes the variant what it is."""
+    return merge_run_config(
+        f"num-server-rounds={args.rounds} min-nodes={args.nodes} "
+        f'database-url="sqlite:///{db}" partitioner="iid" '
+        f"initial-categories={10 if variant == 'joint' else OLD} distill-weight=1.0 "
+        f'class-split="{"disjoint" if setting == "disjoint" else "none"}" '
+        # every variant splits at the same class: joint trains on the same
+        # nodes' same images (it split at 10 until 2026-11-23: IID on 7 nodes)
+        f"split-first-new={OLD} seed={seed}",
+        recipe_config(setting, variant, args),
+        args.run_config,
+        # what makes the variant what it is wins over any override
+        "distill-weight=0.0" if variant != "distill" else "",
+    )
+
+
 def run_variant(
     variant: str, setting: str, seed: int, args: argparse.Namespace, tmp: Path
 ) -> list[dict[str, Any]]:
@@ -96,17 +116,7 @@ def run_variant(
         tmp / "flwr", 39491, 39493, {"FEDOBJ_OUTPUTS_DIR": str(tmp / "outputs")}
     )
     link.start()
-    run_config = merge_run_config(
-        f"num-server-rounds={args.rounds} min-nodes={args.nodes} "
-        f'database-url="sqlite:///{db}" partitioner="iid" '
-        f"initial-categories={10 if variant == 'joint' else OLD} distill-weight=1.0 "
-        f'class-split="{"disjoint" if setting == "disjoint" else "none"}" '
-        f"seed={seed}",
-        recipe_config(setting, variant, args),
-        args.run_config,
-        # what makes the variant what it is wins over any override
-        "distill-weight=0.0" if variant != "distill" else "",
-    )
+    run_config = scenario_run_config(variant, setting, seed, args, db)
     # the run's own output, kept: a failed run must say why
     run_log = args.out / f"{args.name or setting}-{variant}-{seed}.log"
     with run_log.open("wb") as out:

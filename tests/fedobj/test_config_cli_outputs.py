@@ -46,6 +46,8 @@ def test_pyproject_declares_every_run_config_key_with_valid_defaults() -> None:
         ("num-server-rounds", "five"),
         ("num-server-rounds", 2.5),
         ("augment", 1),
+        ("split-first-new", -1),
+        ("split-first-new", 11),
     ],
 )
 def test_bad_run_config_names_the_key(key: str, value: object) -> None:
@@ -74,6 +76,19 @@ def test_class_balanced_weights_refuse_what_cannot_carry_them(
     assert f"`{key}`" in str(err.value)
     ok = RunConfig.from_flower({"aggregation-weights": "class-balanced"})
     assert ok.aggregation_weights == "class-balanced"
+
+
+def test_disjoint_split_point_is_initial_categories_unless_set() -> None:
+    growing = RunConfig.from_flower(
+        {"class-split": "disjoint", "initial-categories": 6}
+    )
+    assert growing.data_split == (6, 0.3)
+    # joint training (all 10 from round 1) on the growing run's data
+    joint = RunConfig.from_flower(
+        {"class-split": "disjoint", "initial-categories": 10, "split-first-new": 6}
+    )
+    assert joint.data_split == growing.data_split
+    assert RunConfig.from_flower({"split-first-new": 6}).data_split is None
 
 
 def test_run_config_types_are_coerced() -> None:

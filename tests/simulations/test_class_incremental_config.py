@@ -39,3 +39,34 @@ def test_text_that_is_not_key_value_is_refused() -> None:
     merge = _load().merge_run_config
     with pytest.raises(SystemExit, match="cannot read"):
         merge("seed=1 oops")
+
+
+@pytest.mark.parametrize("setting", ["shared", "disjoint"])
+def test_every_variant_trains_on_the_same_nodes_data(
+    setting: str, tmp_path: Path
+) -> None:
+    """Joint training is the baseline only if its nodes hold the growing runs'
+    images: in *disjoint* it must split at the same class although its catalog
+    starts with all 10 (split at 10, its new-only nodes held nothing)."""
+    from flwr.common.config import parse_config_args
+
+    from fedobj.config import RunConfig
+
+    run = _load()
+    args = run.argparse.Namespace(
+        rounds=10, nodes=10, grow_after=4, recipe="default", run_config=""
+    )
+    configs = {
+        variant: RunConfig.from_flower(
+            parse_config_args(
+                [run.scenario_run_config(variant, setting, 42, args, tmp_path / "c.db")]
+            )
+        )
+        for variant in ("distill", "no-distill", "joint")
+    }
+    splits = {variant: cfg.data_split for variant, cfg in configs.items()}
+    expected = (6, 0.3) if setting == "disjoint" else None
+    assert set(splits.values()) == {expected}, splits
+    assert configs["joint"].initial_categories == 10
+    assert configs["distill"].initial_categories == 6
+    assert configs["distill"].distill_weight > 0 == configs["no-distill"].distill_weight
