@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -258,6 +258,27 @@ def reply_weight(msg: Message) -> tuple[float, None] | tuple[None, str]:
     return float(n), None
 
 
+def histogram_problem(
+    labels: Mapping[str, int], examples: float, slugs: Collection[str] | None = None
+) -> str | None:
+    """Why a reply's label histogram says nothing true, if it does not.
+
+    It counts the images the node trained on, so it must add up to the reply's
+    example count, and (given the round's class-map ``slugs``) name only those:
+    one that does not would skew the class-balanced weights, and the catalog's
+    ``sample_count`` for good.
+    """
+    total = sum(labels.values())
+    if total != examples:
+        return (
+            f"its label histogram counts {total} images, its num-examples {examples:g}"
+        )
+    if slugs is not None and not set(labels) <= set(slugs):
+        unknown = sorted(set(labels) - set(slugs))
+        return f"its label histogram names slugs outside the class map: {unknown}"
+    return None
+
+
 def balanced_weight(
     labels: Mapping[str, int], examples: float, class_weights: Mapping[str, float]
 ) -> tuple[float, None] | tuple[None, str]:
@@ -266,11 +287,9 @@ def balanced_weight(
     no histogram; None and the reason if the weight is too small to fold."""
     if not labels:
         return examples, None
-    if sum(labels.values()) != examples:  # what it trained on, counted twice
-        return None, (
-            f"its label histogram counts {sum(labels.values())} images, its "
-            f"num-examples {examples:g}"
-        )
+    problem = histogram_problem(labels, examples)
+    if problem is not None:
+        return None, problem
     weight = sum(count * class_weights.get(slug, 1.0) for slug, count in labels.items())
     if not (math.isfinite(weight) and 1e-30 <= weight <= 1e30):
         return None, (

@@ -37,6 +37,7 @@ from apps.exchange import (
     count_of,
     dispatch_plan,
     exchange,
+    histogram_problem,
     missing,
     outcome_of,
 )
@@ -1006,15 +1007,9 @@ class CatalogStrategy(Strategy):
         before it existed (their images of it were ignored until then).
         """
         examples = count_of(n.metrics.get(keys.NUM_EXAMPLES))
-        # a histogram counts the images the node trained on: one that does not
-        # add up to its example count, or names a slug outside the round's class
-        # map, says nothing true and is not counted (it would skew the catalog's
-        # counts for good, and this run's class-balanced weights)
         labels = n.labels
-        if sum(labels.values()) != examples or not set(labels) <= set(
-            class_map.slug_to_index
-        ):
-            labels = {}
+        if histogram_problem(labels, examples, class_map.slug_to_index) is not None:
+            labels = {}  # says nothing true: not counted
         self.catalog.upsert_node(
             n.node_id,
             samples=examples,

@@ -158,10 +158,16 @@ def make(inner, catalog, store, args, **kw) -> CatalogStrategy:  # noqa: ANN001
     )
 
 
+def make_fedavg(catalog, store, args, **kw) -> CatalogStrategy:  # noqa: ANN001
+    """The strategy most tests drive: FedAvg over the 3 scripted nodes."""
+    return make(
+        FedAvg(min_available_nodes=3, min_train_nodes=3), catalog, store, args, **kw
+    )
+
+
 def test_every_round_leaves_a_version_and_a_round_row(setup) -> None:
     catalog, store, args, initial = setup
-    strategy = make(
-        FedAvg(min_available_nodes=3, min_train_nodes=3),
+    strategy = make_fedavg(
         catalog,
         store,
         args,
@@ -213,8 +219,7 @@ def test_growth_between_rounds_keeps_old_rows_and_rejects_stale_replies(setup) -
     grid.after_round[1] = lambda: [
         catalog.add_category(n) for n in FASHION_MNIST_NAMES[6:]
     ]
-    strategy = make(
-        FedAvg(min_available_nodes=3, min_train_nodes=3),
+    strategy = make_fedavg(
         catalog,
         store,
         args,
@@ -255,9 +260,7 @@ def test_invalid_replies_are_dropped_before_aggregation(setup, bad: str) -> None
             return plus(100.0, n=0)(rnd, node, msg)
         return plus(float("nan"))(rnd, node, msg)
 
-    strategy = make(
-        FedAvg(min_available_nodes=3, min_train_nodes=3), catalog, store, args
-    )
+    strategy = make_fedavg(catalog, store, args)
     result = strategy.start(ScriptedGrid(behaviour), initial, num_rounds=1)
     assert result.arrays is not None
     np.testing.assert_allclose(
@@ -270,9 +273,7 @@ def test_rollback_during_a_run_is_honoured_next_round(setup) -> None:
     catalog, store, args, initial = setup
     grid = ScriptedGrid(plus(1.0))
 
-    strategy = make(
-        FedAvg(min_available_nodes=3, min_train_nodes=3), catalog, store, args
-    )
+    strategy = make_fedavg(catalog, store, args)
     strategy.start(grid, initial, num_rounds=2)  # rounds 1, 2
     v1 = [v for v in catalog.list_versions() if v.round == 1][0]
     catalog.set_current(v1.id)
@@ -356,8 +357,7 @@ def test_rollback_during_a_round_wins_over_that_rounds_version(
         catalog.set_current(next(v for v in catalog.list_versions() if v.round == 1).id)
 
     grid.after_round[3] = roll_back
-    strategy = make(
-        FedAvg(min_available_nodes=3, min_train_nodes=3),
+    strategy = make_fedavg(
         catalog,
         store,
         args,
@@ -376,9 +376,7 @@ def test_rollback_during_a_round_wins_over_that_rounds_version(
 def test_a_fresh_run_makes_its_versions_current_over_an_older_run(setup) -> None:
     catalog, store, args, initial = setup
     grid = ScriptedGrid(plus(1.0))
-    make(FedAvg(min_available_nodes=3, min_train_nodes=3), catalog, store, args).start(
-        grid, initial, num_rounds=1
-    )
+    make_fedavg(catalog, store, args).start(grid, initial, num_rounds=1)
     second = CatalogStrategy(
         FedAvg(min_available_nodes=3, min_train_nodes=3),
         catalog=catalog,
@@ -440,8 +438,7 @@ def test_a_round_finishes_while_the_next_one_trains(setup) -> None:  # noqa: ANN
             assert round_2_sent.wait(30), "round 2 did not train during round 1's end"
         return {"accuracy": 0.1 * rnd}
 
-    strategy = make(
-        FedAvg(min_available_nodes=3, min_train_nodes=3),
+    strategy = make_fedavg(
         catalog,
         store,
         args,
@@ -465,9 +462,7 @@ def test_a_failing_round_never_loses_the_previous_rounds_version(setup) -> None:
             raise ConnectionError("SuperLink gone")
         return send(rnd, node, msg)
 
-    strategy = make(
-        FedAvg(min_available_nodes=3, min_train_nodes=3), catalog, store, args
-    )
+    strategy = make_fedavg(catalog, store, args)
     with pytest.raises(ConnectionError, match="SuperLink gone"):
         strategy.start(ScriptedGrid(train), initial, num_rounds=3)
     versions = catalog.list_versions()
@@ -559,8 +554,7 @@ def test_train_messages_go_out_longest_node_first_from_round_two(setup) -> None:
             return push(messages)
 
         grid.push_messages = counting_push  # type: ignore[method-assign]
-        strategy = make(
-            FedAvg(min_available_nodes=3, min_train_nodes=3),
+        strategy = make_fedavg(
             catalog,
             store,
             args,
@@ -612,8 +606,7 @@ def test_class_balanced_weights_make_every_category_count_the_same(setup) -> Non
         13: _histogram_reply(3.0, {"trouser": 10}),
     }
     grid = ScriptedGrid(lambda rnd, node, msg: plans[node](msg))
-    strategy = make(
-        FedAvg(min_available_nodes=3, min_train_nodes=3),
+    strategy = make_fedavg(
         catalog,
         store,
         args,
@@ -659,8 +652,7 @@ def test_a_histogram_that_does_not_add_up_is_not_counted(setup) -> None:
         return reply
 
     grid = ScriptedGrid(train_reply, evaluate_reply)
-    strategy = make(
-        FedAvg(min_available_nodes=3, min_train_nodes=3),
+    strategy = make_fedavg(
         catalog,
         store,
         args,
@@ -697,8 +689,7 @@ def test_a_category_added_mid_run_is_counted_on_nodes_counted_before(setup) -> N
 
     grid = ScriptedGrid(behaviour)
     grid.after_round[1] = lambda: catalog.add_category("Shirt")
-    strategy = make(
-        FedAvg(min_available_nodes=3, min_train_nodes=3),
+    strategy = make_fedavg(
         catalog,
         store,
         args,

@@ -21,6 +21,7 @@ from apps.exchange import (
     count_of,
     dispatch_plan,
     exchange,
+    histogram_problem,
     outcome_of,
 )
 from fedobj import keys
@@ -451,6 +452,16 @@ def test_balanced_weight_rules() -> None:
     assert balanced_weight({"a": 3, "b": 4}, 7.0, {"a": 2.0}) == (10.0, None)
     weight, reason = balanced_weight({"a": 3}, 3.0, {"a": float("inf")})
     assert weight is None and reason is not None and "inf" in reason
+    weight, reason = balanced_weight({"a": 3}, 4.0, {"a": 1.0})
+    assert weight is None and reason == histogram_problem({"a": 3}, 4.0)
+
+
+def test_a_histogram_must_add_up_and_name_only_the_class_maps_slugs() -> None:
+    assert histogram_problem({"a": 3, "b": 4}, 7.0) is None
+    assert histogram_problem({"a": 3, "b": 4}, 7.0, ["a", "b", "c"]) is None
+    assert histogram_problem({}, 0.0) is None
+    assert "counts 7 images" in str(histogram_problem({"a": 3, "b": 4}, 8.0))
+    assert "['b']" in str(histogram_problem({"a": 3, "b": 4}, 7.0, ["a"]))
 
 
 def test_a_histogram_count_that_is_not_a_count_is_dropped() -> None:
