@@ -24,6 +24,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from torch import nn
 
 from apps.central_dp import central_dp_mod
 from apps.records import get_model_context, load_arrays, model_to_arrays
@@ -102,6 +103,15 @@ def _mapped(data: ImageArrays, class_map: ClassMap) -> MappedData:
     return map_to_class_map(data, class_map)
 
 
+def _frozen(model: nn.Module, args: ModelArgs, config: ConfigRecord) -> tuple[str, ...]:
+    """The parameters this round leaves as received: the head (the server's
+    calibration sets it) or, in a warm-up round after a growth, all but the head."""
+    head = head_keys(args)
+    if config.get(keys.HEAD_ONLY):
+        return tuple(n for n, _ in model.named_parameters() if n not in head)
+    return head if config.get(keys.FREEZE_HEAD) else ()
+
+
 # secagg=true: SecAgg+ stage messages go through Flower's secaggplus_mod
 @app.train(mods=[secaggplus_route_mod])
 def train_fn(msg: Message, context: Context) -> Message:
@@ -128,7 +138,7 @@ def train_fn(msg: Message, context: Context) -> Message:
         local_loss=cfg.local_loss,
         restricted_alpha=cfg.restricted_alpha,
         logit_adjust_tau=cfg.logit_adjust_tau,
-        frozen=head_keys(_args) if config.get(keys.FREEZE_HEAD) else (),
+        frozen=_frozen(model, _args, config),
     )
     if cfg.dp:
         return _train_private(msg, context, cfg, tcfg, model, train_data, class_map)

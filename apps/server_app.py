@@ -259,6 +259,7 @@ def _run_with_catalog(
         seed=cfg.seed,
         distill_rounds=cfg.distill_rounds if cfg.distill_weight > 0 else 0,
         lr_restart_on_growth=cfg.lr_restart_on_growth,
+        head_warmup_rounds=cfg.head_warmup_rounds,
         central_dp=cfg.central_dp,
         overlap=cfg.overlap_rounds,
         dispatch_stagger=cfg.dispatch_stagger,

@@ -201,6 +201,9 @@ class CatalogStrategy(Strategy):
     lr_restart_on_growth
         Restart the learning-rate schedule at the round the head grows (new rows
         start where old ones did, not at a nearly spent rate).
+    head_warmup_rounds
+        After a growth, for this many rounds, train messages ask nodes to train
+        the head only (``head-only``); the extractor stays as aggregated.
     distill_rounds
         After a growth, for this many rounds, train messages ask nodes to distil
         the old classes from the model they receive (``distill-classes``).
@@ -254,6 +257,7 @@ class CatalogStrategy(Strategy):
         calibration: CalibrationSettings | None = None,
         dispatch_stagger: float = 0.0,
         aggregation_weights: str = "examples",
+        head_warmup_rounds: int = 0,
     ) -> None:
         if promote not in ("latest", "best"):
             raise ValueError(f"promote must be 'latest' or 'best', got {promote!r}")
@@ -315,6 +319,8 @@ class CatalogStrategy(Strategy):
         self.lr_phase_start = 1
         self.distill_classes = 0
         self.distill_until = 0
+        self.head_warmup_rounds = head_warmup_rounds
+        self.warmup_until = 0
         self.calibration = calibration
         self.dispatch_stagger = dispatch_stagger
         # each node's training seconds in the last round (its replies only, so
@@ -353,7 +359,9 @@ class CatalogStrategy(Strategy):
         )
         if self.central_dp != "none":
             config[keys.CENTRAL_DP] = self.central_dp
-        if self.calibration is not None and self.calibration.freeze_head:
+        if server_round <= self.warmup_until:
+            config[keys.HEAD_ONLY] = True  # the new rows learn on the old features
+        elif self.calibration is not None and self.calibration.freeze_head:
             config[keys.FREEZE_HEAD] = True  # the server's calibration sets it
         return self.inner.configure_train(
             server_round, arrays, self._context(config), grid
@@ -501,6 +509,11 @@ class CatalogStrategy(Strategy):
             self.grown_from = grew_from
         if grew_from is not None and self.lr_restart_on_growth:
             self.lr_phase_start = server_round  # new rows learn at the full rate
+        if grew_from is not None and self.head_warmup_rounds > 0:
+            # LP-FT (Kumar et al., ICLR 2022): fine-tuning under untrained rows
+            # sends their large errors into the extractor and distorts the
+            # features the old rows read; nodes first fit the head alone
+            self.warmup_until = server_round + self.head_warmup_rounds - 1
         if grew_from is not None and self.distill_rounds > 0:
             # LwF: for the next rounds nodes keep the old classes' outputs close to
             # the model they receive (DESIGN.md contract 4 keeps those rows intact)

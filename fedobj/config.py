@@ -86,6 +86,7 @@ class RunConfig:
     calibration_freeze_head: bool = False
     distill_weight: float = 1.0
     distill_rounds: int = 5
+    head_warmup_rounds: int = 0
     distill_temperature: float = 2.0
     distill_samples: str = "all"
     local_loss: str = "ce"
@@ -175,6 +176,12 @@ class RunConfig:
         need(self.promote in ("latest", "best"), "promote", "must be latest or best")
         need(self.distill_weight >= 0, "distill-weight", "must be >= 0")
         need(self.distill_rounds >= 0, "distill-rounds", "must be >= 0")
+        need(self.head_warmup_rounds >= 0, "head-warmup-rounds", "must be >= 0")
+        need(
+            not (self.head_warmup_rounds and self.dp),
+            "head-warmup-rounds",
+            "is not available with dp (DP-SGD trains every parameter)",
+        )
         need(self.distill_temperature > 0, "distill-temperature", "must be > 0")
         need(
             self.distill_samples in ("all", "old"),

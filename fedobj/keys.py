@@ -20,6 +20,7 @@ SECAGG_ARRAY_NAMES = "secagg-array-names"  # json list: names of the legacy arra
 CENTRAL_DP = "central-dp"  # the central-DP mode; its replies weigh 1 each
 FEATURE_STATS = "feature-stats"  # true: send per-class feature statistics (CCVR)
 FREEZE_HEAD = "freeze-head"  # true: train the extractor only, keep the head received
+HEAD_ONLY = "head-only"  # true: train the head only, keep the extractor received
 
 # MetricRecord keys (node -> server).
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key

@@ -260,8 +260,19 @@ def train(
     """
     if len(data) == 0:
         raise ValueError("no training samples after mapping through the class map")
-    with channels_last(model, teacher):
-        return _train(model, data, cfg, active, teacher)
+    # frozen parameters need no gradient: a head-only round backpropagates
+    # through the head alone
+    frozen = [
+        p for n, p in model.named_parameters() if n in cfg.frozen and p.requires_grad
+    ]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        with channels_last(model, teacher):
+            return _train(model, data, cfg, active, teacher)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 @contextmanager
@@ -322,6 +333,8 @@ def _train(
     counts = torch.bincount(data.labels, minlength=num_classes)[:num_classes]
     if teacher is not None:
         teacher.eval()
+    for module in _frozen_norms(model, set(cfg.frozen)):
+        module.eval()  # its running statistics stay as received too
     forward = fast_forward(model)
     teacher_forward = fast_forward(teacher) if teacher is not None else None
     n = len(data)
@@ -375,6 +388,20 @@ def _train(
     if seen == 0:
         return TrainResult(float("nan"), 0.0, 0, 0, seconds)
     return TrainResult(total_loss / seen, correct / seen, seen, steps, seconds)
+
+
+def _frozen_norms(model: nn.Module, frozen: set[str]) -> list[nn.Module]:
+    """The batch-norm layers whose every parameter is frozen: training mode
+    would still move their running statistics, so they run in eval mode."""
+    out: list[nn.Module] = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            own = [
+                f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()
+            ]
+            if own and set(own) <= frozen:
+                out.append(module)
+    return out
 
 
 @torch.no_grad()

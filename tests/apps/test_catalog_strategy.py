@@ -698,3 +698,21 @@ def test_a_category_added_mid_run_is_counted_on_nodes_counted_before(setup) -> N
     strategy.start(grid, initial, num_rounds=3)
     counts = {c.slug: c.sample_count for c in catalog.list_categories()}
     assert counts["t-shirt-top"] == 30 and counts["shirt"] == 12
+
+
+def test_warm_up_rounds_after_a_growth_train_the_head_only(setup) -> None:
+    """``head-warmup-rounds=2``: the 2 rounds from the growth ask for the head
+    only, before and after them nodes train everything; the calibration's
+    ``freeze-head`` gives way in warm-up rounds (else nothing would train)."""
+    catalog, store, args, initial = setup
+    grid = ScriptedGrid(plus(1.0))
+    grid.after_round[1] = lambda: catalog.add_category("Sneaker")
+    strategy = make_fedavg(catalog, store, args, head_warmup_rounds=2, overlap=False)
+    strategy.start(grid, initial, num_rounds=4)
+
+    def flags(rnd: int) -> tuple[bool, bool]:
+        config = grid.sent[rnd][0].content.config_records[keys.CONFIG]
+        return bool(config.get(keys.HEAD_ONLY)), bool(config.get(keys.FREEZE_HEAD))
+
+    assert [flags(r)[0] for r in (1, 2, 3, 4)] == [False, True, True, False]
+    assert not any(flags(r)[1] for r in (1, 2, 3, 4))

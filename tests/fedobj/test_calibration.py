@@ -159,3 +159,43 @@ def test_a_frozen_head_is_left_as_received_while_the_extractor_trains() -> None:
         train(model, data, TrainConfig(frozen=("nope",)))
     with pytest.raises(ConfigError, match="calibration-freeze-head.*needs"):
         RunConfig(calibration_freeze_head=True)
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_a_head_only_round_leaves_the_extractor_as_received(norm: str) -> None:
+    """What a warm-up round after a growth asks (``head-only``): the head
+    trains; every other parameter, and batch norm's running statistics, stay
+    bit for bit as received."""
+    from flwr.app import ConfigRecord
+
+    from apps.client_app import _frozen
+    from fedobj import keys
+    from fedobj.train import LabelledTensors, TrainConfig, train
+
+    args = ModelArgs("cnn", 10, norm=norm)
+    model = build_model(args)
+    heads = head_keys(args)
+    frozen = _frozen(model, args, ConfigRecord({keys.HEAD_ONLY: True}))
+    assert set(frozen) == {n for n, _ in model.named_parameters()} - set(heads)
+    assert _frozen(model, args, ConfigRecord({keys.FREEZE_HEAD: True})) == heads
+    assert _frozen(model, args, ConfigRecord()) == ()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = LabelledTensors(
+        torch.randint(0, 255, (40, 1, 28, 28), dtype=torch.uint8),
+        torch.randint(0, 10, (40,)),
+    )
+    train(model, data, TrainConfig(batch_size=8, frozen=frozen))
+    after = model.state_dict()
+    for k in before:
+        moved = not torch.equal(after[k], before[k])
+        assert moved == (k in heads), k
+    assert any("running_mean" in k for k in before) == (norm == "batch")
+    assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_head_warm_up_is_refused_with_dp_sgd() -> None:
+    assert RunConfig(head_warmup_rounds=2).head_warmup_rounds == 2
+    with pytest.raises(ConfigError, match="head-warmup-rounds.*dp"):
+        RunConfig(head_warmup_rounds=1, dp=True)
+    with pytest.raises(ConfigError, match="head-warmup-rounds"):
+        RunConfig(head_warmup_rounds=-1)
