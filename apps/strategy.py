@@ -203,7 +203,9 @@ class CatalogStrategy(Strategy):
         start where old ones did, not at a nearly spent rate).
     head_warmup_rounds
         After a growth, for this many rounds, train messages ask nodes to train
-        the head only (``head-only``); the extractor stays as aggregated.
+        the head only (``head-only``), and the round's model keeps every other
+        array as sent (FedAdam's moments, central-DP noise or SecAgg+ rounding
+        would move them). Not kept across a resume (like ``distill_rounds``).
     distill_rounds
         After a growth, for this many rounds, train messages ask nodes to distil
         the old classes from the model they receive (``distill-classes``).
@@ -531,9 +533,12 @@ class CatalogStrategy(Strategy):
         while len(self.reports) > REPORTS_KEPT:  # memory must not grow with rounds
             del self.reports[min(self.reports)]
 
+        sent = arrays
         arrays, valid_count = self._train(
             grid, server_round, arrays, timeout, train_config, report
         )
+        if server_round <= self.warmup_until:
+            arrays = self._keep_extractor(sent, arrays)
 
         eval_msgs = list(
             self.configure_evaluate(server_round, arrays, evaluate_config, grid)
@@ -677,6 +682,19 @@ class CatalogStrategy(Strategy):
         return arrays, valid_count
 
     # ------------------------------------------------------------ steps
+
+    def _keep_extractor(self, sent: ArrayRecord, aggregate: ArrayRecord) -> ArrayRecord:
+        """A warm-up round's model: the aggregate's head on the extractor as sent.
+
+        Nodes trained the head only, but the aggregate's other arrays may still
+        have moved: FedAdam's moments, central-DP noise and SecAgg+ quantisation
+        act on every array. Taking them back as sent is independent of the
+        nodes' data, so it costs no privacy.
+        """
+        heads = set(head_keys(self.model_args))
+        return ArrayRecord(
+            {k: aggregate[k] if k in heads else sent[k] for k in aggregate}
+        )
 
     def _log_privacy(self, server_round: int, report: RoundReport) -> None:
         """Central DP: the spend (fixed clipping) or the clipping bound (adaptive)."""

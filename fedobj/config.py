@@ -202,9 +202,9 @@ class RunConfig:
         )
         need(0 < self.new_node_fraction < 1, "new-node-fraction", "must be in (0, 1)")
         need(
-            0 <= self.split_first_new <= 10,
+            0 <= self.split_first_new <= 9,
             "split-first-new",
-            "must be between 0 (= initial-categories) and 10",
+            "must be 0 (= initial-categories) or a class from 1 to 9",
         )
         need(self.lease_ttl > 0, "lease-ttl", "must be > 0")
         need(

@@ -119,7 +119,10 @@ class TrainConfig:
     local_loss: str = "ce"  # one of LOCAL_LOSSES: how classes absent locally count
     restricted_alpha: float = 0.5  # "restricted": scale of absent classes' logits
     logit_adjust_tau: float = 1.0  # "logit-adjusted": weight of log local prior
-    frozen: tuple[str, ...] = ()  # parameter names left as received (the head)
+    # parameter names left as received: the head (calibration-freeze-head) or
+    # all but the head (a warm-up round after a growth); they take no gradient,
+    # and a batch-norm layer whose parameters are all frozen runs in eval mode
+    frozen: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -32,6 +33,7 @@ from fedobj.calibration import CalibrationSettings
 from fedobj.catalog import SyncCatalog
 from fedobj.data.categories import FASHION_MNIST_NAMES
 from fedobj.model import ModelArgs, build_model
+from fedobj.model.factory import head_keys
 from fedobj.registry import ArtifactStore
 from tests.apps.helpers import error_reply, set_task_identity
 
@@ -702,17 +704,43 @@ def test_a_category_added_mid_run_is_counted_on_nodes_counted_before(setup) -> N
 
 def test_warm_up_rounds_after_a_growth_train_the_head_only(setup) -> None:
     """``head-warmup-rounds=2``: the 2 rounds from the growth ask for the head
-    only, before and after them nodes train everything; the calibration's
-    ``freeze-head`` gives way in warm-up rounds (else nothing would train)."""
+    only and keep every other array as sent, whatever the replies hold (here
+    every array + 1); before and after them nodes train everything. The
+    calibration's ``freeze-head`` gives way in warm-up rounds (else nothing
+    would train)."""
     catalog, store, args, initial = setup
     grid = ScriptedGrid(plus(1.0))
     grid.after_round[1] = lambda: catalog.add_category("Sneaker")
-    strategy = make_fedavg(catalog, store, args, head_warmup_rounds=2, overlap=False)
+    strategy = make_fedavg(
+        catalog,
+        store,
+        args,
+        head_warmup_rounds=2,
+        calibration=CalibrationSettings(freeze_head=True),
+        overlap=False,
+    )
     strategy.start(grid, initial, num_rounds=4)
 
     def flags(rnd: int) -> tuple[bool, bool]:
         config = grid.sent[rnd][0].content.config_records[keys.CONFIG]
         return bool(config.get(keys.HEAD_ONLY)), bool(config.get(keys.FREEZE_HEAD))
 
-    assert [flags(r)[0] for r in (1, 2, 3, 4)] == [False, True, True, False]
-    assert not any(flags(r)[1] for r in (1, 2, 3, 4))
+    assert [flags(r) for r in (1, 2, 3, 4)] == [
+        (False, True),
+        (True, False),
+        (True, False),
+        (False, True),
+    ]
+    states = {
+        v.round: store.load_checkpoint(v.checkpoint_uri, v.checkpoint_sha256).state_dict
+        for v in catalog.list_versions()
+    }
+    heads = set(head_keys(args))
+    for rnd in (2, 3):
+        for k, value in states[rnd].items():
+            if k in heads:
+                assert states[rnd][k].shape[0] == 7, k
+            else:
+                assert torch.equal(value, states[1][k]), (rnd, k)
+    moved = [k for k in states[4] if not torch.equal(states[4][k], states[3][k])]
+    assert set(moved) == set(states[4]), "round 4 trains every array"

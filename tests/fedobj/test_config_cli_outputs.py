@@ -47,7 +47,7 @@ def test_pyproject_declares_every_run_config_key_with_valid_defaults() -> None:
         ("num-server-rounds", 2.5),
         ("augment", 1),
         ("split-first-new", -1),
-        ("split-first-new", 11),
+        ("split-first-new", 10),
     ],
 )
 def test_bad_run_config_names_the_key(key: str, value: object) -> None:
