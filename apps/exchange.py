@@ -273,9 +273,11 @@ def histogram_problem(
         return (
             f"its label histogram counts {total} images, its num-examples {examples:g}"
         )
-    if slugs is not None and not set(labels) <= set(slugs):
-        unknown = sorted(set(labels) - set(slugs))
-        return f"its label histogram names slugs outside the class map: {unknown}"
+    unknown = set(labels).difference(slugs) if slugs is not None else set()
+    if unknown:
+        return (
+            f"its label histogram names slugs outside the class map: {sorted(unknown)}"
+        )
     return None
 
 

@@ -290,6 +290,7 @@ class CatalogStrategy(Strategy):
         self.head_init = head_init
         self.head_align = head_align
         self.grown_from: int | None = None  # classes before this run's last growth
+        self.grew_at: int | None = None  # the round of that growth
         self.promote = promote
         self.min_replies = min_replies
         self.evaluate_fn = evaluate_fn
@@ -319,10 +320,7 @@ class CatalogStrategy(Strategy):
         self.distill_rounds = distill_rounds
         self.lr_restart_on_growth = lr_restart_on_growth
         self.lr_phase_start = 1
-        self.distill_classes = 0
-        self.distill_until = 0
         self.head_warmup_rounds = head_warmup_rounds
-        self.warmup_until = 0
         self.calibration = calibration
         self.dispatch_stagger = dispatch_stagger
         # each node's training seconds in the last round (its replies only, so
@@ -356,13 +354,20 @@ class CatalogStrategy(Strategy):
     ) -> Iterable[Message]:
         config = ConfigRecord(dict(config))  # this round's own copy
         config[keys.LR] = self.lr_at(server_round)
+        # LwF: for the rounds after a growth nodes keep the old classes' outputs
+        # close to the model they receive (contract 4 keeps those rows intact)
         config[keys.DISTILL_CLASSES] = (
-            self.distill_classes if server_round <= self.distill_until else 0
+            self.grown_from or 0
+            if self._after_growth(server_round, self.distill_rounds)
+            else 0
         )
         if self.central_dp != "none":
             config[keys.CENTRAL_DP] = self.central_dp
-        if server_round <= self.warmup_until:
-            config[keys.HEAD_ONLY] = True  # the new rows learn on the old features
+        if self._after_growth(server_round, self.head_warmup_rounds):
+            # LP-FT (Kumar et al., ICLR 2022): fine-tuning under untrained rows
+            # sends their large errors into the extractor and distorts the
+            # features the old rows read; nodes first fit the head alone
+            config[keys.HEAD_ONLY] = True
         elif self.calibration is not None and self.calibration.freeze_head:
             config[keys.FREEZE_HEAD] = True  # the server's calibration sets it
         return self.inner.configure_train(
@@ -508,19 +513,9 @@ class CatalogStrategy(Strategy):
         self._check_active(snapshot)
         arrays, grew_from = self._grow(arrays, snapshot)
         if grew_from is not None:
-            self.grown_from = grew_from
+            self.grown_from, self.grew_at = grew_from, server_round
         if grew_from is not None and self.lr_restart_on_growth:
             self.lr_phase_start = server_round  # new rows learn at the full rate
-        if grew_from is not None and self.head_warmup_rounds > 0:
-            # LP-FT (Kumar et al., ICLR 2022): fine-tuning under untrained rows
-            # sends their large errors into the extractor and distorts the
-            # features the old rows read; nodes first fit the head alone
-            self.warmup_until = server_round + self.head_warmup_rounds - 1
-        if grew_from is not None and self.distill_rounds > 0:
-            # LwF: for the next rounds nodes keep the old classes' outputs close to
-            # the model they receive (DESIGN.md contract 4 keeps those rows intact)
-            self.distill_classes = grew_from
-            self.distill_until = server_round + self.distill_rounds - 1
         report = RoundReport(
             server_round,
             started,
@@ -537,7 +532,7 @@ class CatalogStrategy(Strategy):
         arrays, valid_count = self._train(
             grid, server_round, arrays, timeout, train_config, report
         )
-        if server_round <= self.warmup_until:
+        if self._after_growth(server_round, self.head_warmup_rounds):
             arrays = self._keep_extractor(sent, arrays)
 
         eval_msgs = list(
@@ -682,6 +677,11 @@ class CatalogStrategy(Strategy):
         return arrays, valid_count
 
     # ------------------------------------------------------------ steps
+
+    def _after_growth(self, server_round: int, rounds: int) -> bool:
+        """Whether ``server_round`` is one of the first ``rounds`` from this
+        run's last growth (the distillation and warm-up windows)."""
+        return self.grew_at is not None and 0 <= server_round - self.grew_at < rounds
 
     def _keep_extractor(self, sent: ArrayRecord, aggregate: ArrayRecord) -> ArrayRecord:
         """A warm-up round's model: the aggregate's head on the extractor as sent.

@@ -654,12 +654,7 @@ def test_a_histogram_that_does_not_add_up_is_not_counted(setup) -> None:
         return reply
 
     grid = ScriptedGrid(train_reply, evaluate_reply)
-    strategy = make_fedavg(
-        catalog,
-        store,
-        args,
-        overlap=False,
-    )
+    strategy = make_fedavg(catalog, store, args, overlap=False)
     strategy.start(grid, initial, num_rounds=2)
     counts = {c.slug: c.sample_count for c in catalog.list_categories()}
     assert counts["t-shirt-top"] == 20 and counts["trouser"] == 0
@@ -691,12 +686,7 @@ def test_a_category_added_mid_run_is_counted_on_nodes_counted_before(setup) -> N
 
     grid = ScriptedGrid(behaviour)
     grid.after_round[1] = lambda: catalog.add_category("Shirt")
-    strategy = make_fedavg(
-        catalog,
-        store,
-        args,
-        overlap=False,
-    )
+    strategy = make_fedavg(catalog, store, args, overlap=False)
     strategy.start(grid, initial, num_rounds=3)
     counts = {c.slug: c.sample_count for c in catalog.list_categories()}
     assert counts["t-shirt-top"] == 30 and counts["shirt"] == 12
@@ -744,3 +734,18 @@ def test_warm_up_rounds_after_a_growth_train_the_head_only(setup) -> None:
                 assert torch.equal(value, states[1][k]), (rnd, k)
     moved = [k for k in states[4] if not torch.equal(states[4][k], states[3][k])]
     assert set(moved) == set(states[4]), "round 4 trains every array"
+
+
+def test_distillation_rounds_after_a_growth_name_the_old_classes(setup) -> None:
+    """``distill-rounds=2``: the 2 rounds from the growth (6 -> 7 classes at
+    round 2) ask nodes to distil the 6 old classes; the others ask for none."""
+    catalog, store, args, initial = setup
+    grid = ScriptedGrid(plus(1.0))
+    grid.after_round[1] = lambda: catalog.add_category("Sneaker")
+    strategy = make_fedavg(catalog, store, args, distill_rounds=2, overlap=False)
+    strategy.start(grid, initial, num_rounds=4)
+    asked = [
+        grid.sent[r][0].content.config_records[keys.CONFIG][keys.DISTILL_CLASSES]
+        for r in (1, 2, 3, 4)
+    ]
+    assert asked == [0, 6, 6, 0]

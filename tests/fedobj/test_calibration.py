@@ -140,16 +140,23 @@ def test_run_config_refuses_calibration_where_statistics_would_leak() -> None:
         RunConfig(calibration_steps=0)
 
 
+def _random_images(n: int = 40):  # type: ignore[no-untyped-def]
+    """``n`` random 28x28 grey images with random labels of 10 classes."""
+    from fedobj.train import LabelledTensors
+
+    return LabelledTensors(
+        torch.randint(0, 255, (n, 1, 28, 28), dtype=torch.uint8),
+        torch.randint(0, 10, (n,)),
+    )
+
+
 def test_a_frozen_head_is_left_as_received_while_the_extractor_trains() -> None:
-    from fedobj.train import LabelledTensors, TrainConfig, train
+    from fedobj.train import TrainConfig, train
 
     model, key = _cnn()
     heads = head_keys(ModelArgs("cnn", 10, norm="group"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    data = LabelledTensors(
-        torch.randint(0, 255, (40, 1, 28, 28), dtype=torch.uint8),
-        torch.randint(0, 10, (40,)),
-    )
+    data = _random_images()
     train(model, data, TrainConfig(batch_size=8, frozen=heads))
     after = model.state_dict()
     for k in heads:
@@ -170,7 +177,7 @@ def test_a_head_only_round_leaves_the_extractor_as_received(norm: str) -> None:
 
     from apps.client_app import _frozen
     from fedobj import keys
-    from fedobj.train import LabelledTensors, TrainConfig, train
+    from fedobj.train import TrainConfig, train
 
     args = ModelArgs("cnn", 10, norm=norm)
     model = build_model(args)
@@ -180,10 +187,7 @@ def test_a_head_only_round_leaves_the_extractor_as_received(norm: str) -> None:
     assert _frozen(model, args, ConfigRecord({keys.FREEZE_HEAD: True})) == heads
     assert _frozen(model, args, ConfigRecord()) == ()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    data = LabelledTensors(
-        torch.randint(0, 255, (40, 1, 28, 28), dtype=torch.uint8),
-        torch.randint(0, 10, (40,)),
-    )
+    data = _random_images()
     train(model, data, TrainConfig(batch_size=8, frozen=frozen))
     after = model.state_dict()
     for k in before:
