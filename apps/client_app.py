@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -130,7 +131,7 @@ def train_fn(msg: Message, context: Context) -> Message:
         weight_decay=cfg.weight_decay,
         proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
         augment=cfg.augment,
-        seed=cfg.seed * 100_003 + server_round * 1009 + context.node_id % 1000,
+        seed=train_seed(cfg.seed, server_round, context.node_config, context.node_id),
         distill_classes=int(config.get(keys.DISTILL_CLASSES, 0)),
         distill_weight=cfg.distill_weight,
         distill_temperature=cfg.distill_temperature,
@@ -199,6 +200,21 @@ def device_id(node_config: Mapping[str, Any]) -> str | None:
     if keys.NODE_PARTITION_ID in node_config:
         return f"sim-{int(node_config[keys.NODE_PARTITION_ID])}"
     return None
+
+
+def train_seed(
+    seed: int, server_round: int, node_config: Mapping[str, Any], node_id: int
+) -> int:
+    """The seed of one node's training in one round.
+
+    Keyed by the node's stable identity (``device_id``: the partition id in
+    simulation) rather than Flower's node id, which is drawn afresh in every
+    run: with the node id, two runs of one ``seed`` shuffled differently and
+    were not repeatable. A node without a stable identity falls back to it.
+    """
+    device = device_id(node_config)
+    node = zlib.crc32(device.encode()) if device is not None else node_id
+    return seed * 100_003 + server_round * 1009 + node % 1_000_003
 
 
 def _train_private(

@@ -196,6 +196,33 @@ def missing(node_id: int, timeout: float) -> NodeOutcome:
     )
 
 
+ORDER_TAIL_BYTES = 256
+
+
+def reply_order(msg: Message) -> tuple[int, str, bytes]:
+    """A sort key that puts replies in the same order whichever came first.
+
+    Aggregations sum floats, and float addition is not associative: summed in
+    arrival order (a race between nodes), two runs of one seed part ways at
+    the last bit and then further. The key is what the reply says, its
+    metrics and the last bytes of each of its arrays, never the node id
+    (Flower draws those afresh in every simulation).
+    """
+    if msg.has_error():
+        return (1, f"{msg.error.code}:{msg.error.reason}", b"")
+    content = msg.content
+    metrics = [
+        (name, sorted(record.items(), key=lambda kv: kv[0]))
+        for name, record in sorted(content.metric_records.items())
+    ]
+    tail = b"".join(
+        bytes(content.array_records[name][key].data[-ORDER_TAIL_BYTES:])
+        for name in sorted(content.array_records)
+        for key in sorted(content.array_records[name])
+    )
+    return (0, repr(metrics), tail)
+
+
 def outcome_of(msg: Message) -> NodeOutcome:
     """A reply's numeric metrics and label histogram, or its error."""
     node = msg.metadata.src_node_id
@@ -415,6 +442,7 @@ class ReplyFolder:
     def finish(self) -> None:
         """Fold what is still pending and take out the replies found then to hold
         NaN or infinite values: rejected, with the reason, like any other.
+        Kept replies (``stream=False``) are put in :func:`reply_order`.
 
         Call it before reading ``rejected`` or ``valid_count``: values are
         checked as they are folded (see ``StreamingMean.add_record``).
@@ -436,6 +464,7 @@ class ReplyFolder:
             perf = self.perf_alpha is not None and self.perf_alpha < 1.0
             if perf and acc is not None:
                 self._reported -= 1
+        self.valid.sort(key=reply_order)
 
     def missed(self, node_id: int, timeout: float) -> None:
         """Count a node that did not reply in time (``exchange``'s ``on_missing``)."""

@@ -40,6 +40,7 @@ from apps.exchange import (
     histogram_problem,
     missing,
     outcome_of,
+    reply_order,
 )
 from apps.perffedavg import PerfFedAvg
 from apps.records import put_model_context
@@ -544,6 +545,7 @@ class CatalogStrategy(Strategy):
             exchange(
                 grid, eval_msgs, timeout, eval_replies.append, on_missing=silent.append
             )
+            eval_replies.sort(key=reply_order)  # summed: a canonical order
             report.evaluate = [outcome_of(m) for m in eval_replies]
             report.evaluate += [missing(n, timeout) for n in silent]
             for bad in report.evaluate:

@@ -260,6 +260,11 @@ def train(
     node holding only new-category images does not erase what the head knew
     (``distill_samples="old"`` distils on old-class images only: such a node
     then trains as without distillation).
+
+    ``cfg.seed`` decides everything random in it: the batch order, the flips,
+    and dropout's masks (the global RNG, seeded inside ``fork_rng`` so the
+    caller's stream is left as it was): one seed, one result, whichever process
+    or actor runs it.
     """
     if len(data) == 0:
         raise ValueError("no training samples after mapping through the class map")
@@ -271,7 +276,8 @@ def train(
     try:
         for p in frozen:
             p.requires_grad_(False)
-        with channels_last(model, teacher):
+        with channels_last(model, teacher), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
             return _train(model, data, cfg, active, teacher)
     finally:
         for p in frozen:

@@ -23,6 +23,7 @@ from apps.exchange import (
     exchange,
     histogram_problem,
     outcome_of,
+    reply_order,
 )
 from fedobj import keys
 from fedobj.aggregation import perf_fedavg_weights
@@ -471,3 +472,26 @@ def test_a_histogram_count_that_is_not_a_count_is_dropped() -> None:
         train_reply(11, 40), {"shirt": 10, "coat": -5, "bag": True, "hat": 2.5}
     )
     assert outcome_of(msg).labels == {"shirt": 10}
+
+
+def test_kept_replies_come_out_in_one_order_whatever_order_they_arrived_in() -> None:
+    """FedAdam and the DP wrappers sum the kept replies: the order must not be
+    the arrival race's. Equal example counts: the arrays decide."""
+    replies = [train_reply(i, n) for i, n in enumerate([64, 64, 64, 7, 300], 11)]
+    orders = []
+    for arrival in ([0, 1, 2, 3, 4], [4, 2, 0, 3, 1], [3, 1, 4, 0, 2]):
+        folder = ReplyFolder(_record(REF), stream=False)
+        for i in arrival:
+            folder(replies[i])
+        folder.finish()
+        orders.append([m.metadata.src_node_id for m in folder.valid])
+    assert orders[0] == orders[1] == orders[2]
+    assert sorted(orders[0]) == [11, 12, 13, 14, 15]
+
+
+def test_reply_order_reads_the_content_never_the_node_id() -> None:
+    a, b = train_reply(3, 50), train_reply(4, 50)
+    same_as_a = reply(99, a.content)  # another node, the same content
+    assert reply_order(same_as_a) == reply_order(a) != reply_order(b)
+    failed = error_reply(1, "boom")
+    assert sorted([failed, a, b], key=reply_order)[-1] is failed  # errors last

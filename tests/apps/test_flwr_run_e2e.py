@@ -109,3 +109,23 @@ def test_bad_run_config_fails_before_round_one(
     log = proc.stdout + proc.stderr
     assert f"run config `{key}`" in log, log[-3000:]
     assert "[ROUND 1" not in log
+
+
+def test_two_runs_of_one_seed_end_in_the_same_model(superlink) -> None:
+    """Repeatable simulations: same seed, same bits. Flower draws the node ids
+    afresh and the replies arrive in a race; neither may reach the model
+    (training seeds come from the partition, sums run in a canonical order)."""
+    link, outputs = superlink
+    states = []
+    for _ in range(2):
+        proc = flwr_run(
+            link,
+            "num-server-rounds=2 min-nodes=3 fraction-evaluate=1.0 seed=7 "
+            'partitioner="iid"',
+        )
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        ckpt = load_checkpoint((outputs / "latest").resolve() / "round-002.pt")
+        states.append({k: v.numpy().tobytes() for k, v in ckpt.state_dict.items()})
+    assert states[0].keys() == states[1].keys()
+    differ = [k for k in states[0] if states[0][k] != states[1][k]]
+    assert not differ, f"arrays that differ between the two runs: {differ}"

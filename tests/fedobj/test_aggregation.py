@@ -501,3 +501,37 @@ def test_bool_arrays_come_back_as_bools() -> None:
     got = mean.result()
     assert got["mask"].dtype == bool
     np.testing.assert_array_equal(got["mask"], [True, False, True])
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"chunk": 7}, {"threads": 2}])
+def test_a_group_sums_to_the_same_bits_in_any_arrival_order(kwargs) -> None:  # type: ignore[no-untyped-def]
+    """Two runs of one seed must give one model: replies arrive in a race, and
+    float32 sums in arrival order differ in their last bits."""
+    rng = np.random.default_rng(11)
+    ref = {
+        "w": np.zeros((40, 30), np.float32),
+        "b": np.zeros(30, np.float32),
+        "s": np.zeros(5, np.float32),
+    }
+    ups = [
+        (
+            {
+                k: (rng.normal(size=v.shape) * 10.0 ** rng.integers(-3, 4)).astype(
+                    np.float32
+                )
+                for k, v in ref.items()
+            },
+            float(rng.choice([10, 10, 37])),  # equal weights: ties broken by values
+        )
+        for _ in range(8)
+    ]
+
+    def mean_of(order: list[int]) -> dict[str, bytes]:
+        mean = StreamingMean(ref, **kwargs)
+        for i in order:
+            mean.add(*ups[i])
+        return {k: v.tobytes() for k, v in mean.result().items()}
+
+    first = mean_of(list(range(8)))
+    for _ in range(12):
+        assert mean_of([int(i) for i in rng.permutation(8)]) == first
