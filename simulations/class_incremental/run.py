@@ -22,6 +22,7 @@ line per variant and round, then one summary line per variant.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import signal
@@ -36,8 +37,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedobj.catalog import SyncCatalog
-from fedobj.data.categories import FASHION_MNIST_NAMES
+from fedobj.data.categories import FASHION_MNIST_NAMES, FASHION_MNIST_SLUGS
+from fedobj.data.fashion_mnist import ImageArrays
+from fedobj.data.node_data import load_test_set
+from fedobj.model import Checkpoint, load_checkpoint
 from fedobj.superlink import LocalSuperLink
+from fedobj.train import evaluate, map_to_class_map
 
 ROOT = Path(__file__).resolve().parents[2]
 OLD = 6
@@ -87,6 +92,24 @@ def class_accuracies(metrics: dict[str, float]) -> tuple[float, float, float]:
     """(old, new, all) from a version's per-class accuracies (missing class = 0)."""
     per = [float(metrics.get(f"class-{k}-accuracy", 0.0)) for k in range(10)]
     return sum(per[:OLD]) / OLD, sum(per[OLD:]) / (10 - OLD), sum(per) / 10
+
+
+@functools.lru_cache(maxsize=2)
+def _test_set(channels: int, size: int) -> ImageArrays:
+    return load_test_set("", channels, size)
+
+
+def old_rows_accuracy(checkpoint: Checkpoint) -> float:
+    """Old-class accuracy with the old rows only (argmax over the 6 categories the
+    catalog started with): what the model still knows of them, without the new
+    rows' competition. A drop here is forgetting; a drop in ``old_accuracy``
+    alone is old images taken for the new look-alikes."""
+    class_map = checkpoint.class_map
+    old = [class_map.slug_to_index[slug] for slug in FASHION_MNIST_SLUGS[:OLD]]
+    args = checkpoint.model_args
+    data = map_to_class_map(_test_set(args.in_channels, args.image_size), class_map)
+    res = evaluate(checkpoint.build(), data.tensors, old)
+    return sum(res.per_class_accuracy[k] for k in old) / OLD
 
 
 def scenario_run_config(
@@ -163,6 +186,7 @@ def run_variant(
     rows = []
     for v in sorted(catalog.list_versions(), key=lambda v: v.round):
         old, new, all_ = class_accuracies(v.metrics)
+        checkpoint = load_checkpoint(v.checkpoint_uri)
         row = {
             "setting": setting,
             "variant": variant,
@@ -170,6 +194,7 @@ def run_variant(
             "round": v.round,
             "classes": v.class_map.num_classes,
             "old_accuracy": round(old, 4),
+            "old_rows_accuracy": round(old_rows_accuracy(checkpoint), 4),
             "new_accuracy": round(new, 4),
             "all_accuracy": round(all_, 4),
         }
@@ -197,6 +222,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     )
     before = rows[grew - 1]["old_accuracy"] if grew else None
     after = [r["old_accuracy"] for r in rows[grew:]] if grew else []
+    # the same drop with the old rows only: forgetting (same 6-way task before)
+    after_rows = [r["old_rows_accuracy"] for r in rows[grew:]] if grew else []
     return {
         "setting": rows[0]["setting"],
         "variant": rows[0]["variant"],
@@ -207,6 +234,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "final_new_accuracy": rows[-1]["new_accuracy"],
         "old_accuracy_before_growth": before,
         "max_old_drop_after_growth": round(before - min(after), 4) if after else None,
+        "max_old_rows_drop_after_growth": (
+            round(before - min(after_rows), 4) if after_rows else None
+        ),
         "mean_all_last_3": round(sum(r["all_accuracy"] for r in rows[-3:]) / 3, 4),
     }
 
@@ -222,6 +252,7 @@ def aggregate(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "final_old_accuracy",
             "final_new_accuracy",
             "max_old_drop_after_growth",
+            "max_old_rows_drop_after_growth",
             "mean_all_last_3",
         ):
             values = [float(s[key]) for s in runs if s[key] is not None]

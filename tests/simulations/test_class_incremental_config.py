@@ -71,3 +71,37 @@ def test_every_variant_trains_on_the_same_nodes_data(
     assert configs["distill"].initial_categories == 6
     assert configs["distill"].distill_weight > 0
     assert configs["no-distill"].distill_weight == 0
+
+
+def test_old_rows_accuracy_ignores_the_new_rows_and_only_them() -> None:
+    """A grown head whose new rows win every image: 10-way old-class accuracy
+    falls to 0, the old rows' own accuracy is the 6-row model's exactly."""
+    import torch
+
+    from fedobj.data.categories import fashion_mnist_class_map
+    from fedobj.model import Checkpoint, ModelArgs, build_model
+    from fedobj.model.factory import head_keys
+    from fedobj.train import evaluate, map_to_class_map
+
+    run = _load()
+    full = fashion_mnist_class_map()
+    six = type(full)(full.entries[: run.OLD])
+    torch.manual_seed(0)
+    small_args = ModelArgs("cnn", run.OLD)
+    small = build_model(small_args).eval()
+    test = run._test_set(1, 28)
+    want = evaluate(small, map_to_class_map(test, six).tensors).per_class_accuracy
+    assert 0 < sum(want.values()) / run.OLD < 1  # not trivially right or wrong
+
+    big_args = ModelArgs("cnn", 10)
+    state = build_model(big_args).state_dict()
+    state.update({k: v for k, v in small.state_dict().items() if k in state})
+    weight, bias = head_keys(big_args)
+    state[weight] = torch.cat([small.state_dict()[weight], torch.zeros(4, 128)])
+    state[bias] = torch.cat([small.state_dict()[bias], torch.full((4,), 1e6)])
+    grown = Checkpoint(big_args, full, state)
+    got = evaluate(grown.build(), map_to_class_map(test, full).tensors)
+    assert sum(got.per_class_accuracy[k] for k in range(run.OLD)) == 0
+    assert run.old_rows_accuracy(grown) == pytest.approx(
+        sum(want.values()) / run.OLD, abs=1e-12
+    )
