@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import logging
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -213,8 +213,10 @@ def train_seed(
     were not repeatable. A node without a stable identity falls back to it.
     """
     device = device_id(node_config)
-    node = zlib.crc32(device.encode()) if device is not None else node_id
-    return seed * 100_003 + server_round * 1009 + node % 1_000_003
+    node = device if device is not None else f"node-{node_id}"
+    # a hash, not a sum: seed + round + node offsets collided across rounds
+    digest = hashlib.blake2b(f"{seed}/{server_round}/{node}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") >> 1  # torch takes < 2**63
 
 
 def _train_private(

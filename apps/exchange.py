@@ -199,20 +199,20 @@ def missing(node_id: int, timeout: float) -> NodeOutcome:
 ORDER_TAIL_BYTES = 256
 
 
-def reply_order(msg: Message) -> tuple[int, str, bytes]:
+def reply_order(msg: Message) -> tuple[int, bytes, str]:
     """A sort key that puts replies in the same order whichever came first.
 
     Aggregations sum floats, and float addition is not associative: summed in
     arrival order (a race between nodes), two runs of one seed part ways at
-    the last bit and then further. The key is what the reply says, its
-    metrics and the last bytes of each of its arrays, never the node id
-    (Flower draws those afresh in every simulation).
+    the last bit and then further. The key is what the reply says: the last
+    bytes of each of its arrays, then its metrics (wall-clock times left out),
+    never the node id (Flower draws those afresh in every simulation).
     """
     if msg.has_error():
-        return (1, f"{msg.error.code}:{msg.error.reason}", b"")
+        return (1, b"", f"{msg.error.code}:{msg.error.reason}")
     content = msg.content
     metrics = [
-        (name, sorted(record.items(), key=lambda kv: kv[0]))
+        (name, sorted((k, v) for k, v in record.items() if not k.endswith("seconds")))
         for name, record in sorted(content.metric_records.items())
     ]
     tail = b"".join(
@@ -220,7 +220,7 @@ def reply_order(msg: Message) -> tuple[int, str, bytes]:
         for name in sorted(content.array_records)
         for key in sorted(content.array_records[name])
     )
-    return (0, repr(metrics), tail)
+    return (0, tail, repr(metrics))
 
 
 def outcome_of(msg: Message) -> NodeOutcome:

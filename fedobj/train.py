@@ -262,7 +262,7 @@ def train(
     then trains as without distillation).
 
     ``cfg.seed`` decides everything random in it: the batch order, the flips,
-    and dropout's masks (the global RNG, seeded inside ``fork_rng`` so the
+    and dropout's masks (the global CPU RNG, seeded inside ``fork_rng`` so the
     caller's stream is left as it was): one seed, one result, whichever process
     or actor runs it.
     """
@@ -277,11 +277,19 @@ def train(
         for p in frozen:
             p.requires_grad_(False)
         with channels_last(model, teacher), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
+            # the CPU generator only (fork_rng restores no other); a stream of
+            # its own, not the batch order's
+            torch.default_generator.manual_seed(_dropout_seed(cfg.seed))
             return _train(model, data, cfg, active, teacher)
     finally:
         for p in frozen:
             p.requires_grad_(True)
+
+
+def _dropout_seed(seed: int) -> int:
+    """The global RNG's seed in ``train``: derived from ``seed`` so dropout's
+    draws are not the batch order's (both would start one stream)."""
+    return (seed * 0x9E3779B97F4A7C15 + 0x5DEECE66D) % 2**63
 
 
 @contextmanager

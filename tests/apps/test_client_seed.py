@@ -14,6 +14,13 @@ def test_the_same_partition_trains_with_the_same_seed_under_any_node_id() -> Non
         train_seed(42, 2, {keys.NODE_PARTITION_ID: p}, node_id=5) for p in range(100)
     }
     assert len(others) == 100  # every node shuffles its own way
+    every = {
+        train_seed(42, r, {keys.NODE_PARTITION_ID: p}, node_id=5)
+        for p in range(200)
+        for r in range(1, 51)
+    }
+    assert len(every) == 200 * 50  # no node's round repeats another's shuffle
+    assert all(0 <= s < 2**63 for s in every)  # what torch.Generator takes
     assert train_seed(42, 3, sim, 5) != train_seed(42, 2, sim, 5)  # and every round
     assert train_seed(43, 2, sim, 5) != train_seed(42, 2, sim, 5)
 

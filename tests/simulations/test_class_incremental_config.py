@@ -105,3 +105,26 @@ def test_old_rows_accuracy_ignores_the_new_rows_and_only_them() -> None:
     assert run.old_rows_accuracy(grown) == pytest.approx(
         sum(want.values()) / run.OLD, abs=1e-12
     )
+
+
+def test_the_summary_takes_both_drops_from_the_last_round_before_growth() -> None:
+    def row(rnd: int, classes: int, old: float, rows: float) -> dict[str, object]:
+        return {
+            "setting": "shared",
+            "variant": "distill",
+            "seed": 1,
+            "round": rnd,
+            "classes": classes,
+            "old_accuracy": old,
+            "old_rows_accuracy": rows,
+            "new_accuracy": 0.0,
+            "all_accuracy": old,
+        }
+
+    rows = [row(1, 6, 0.7, 0.7), row(2, 6, 0.9, 0.9)]
+    rows += [row(3, 10, 0.8, 0.88), row(4, 10, 0.85, 0.86), row(5, 10, 0.9, 0.9)]
+    summary = _load().summarise(rows)
+    assert summary["grew_at_round"] == 3
+    assert summary["old_accuracy_before_growth"] == 0.9
+    assert summary["max_old_drop_after_growth"] == pytest.approx(0.1)
+    assert summary["max_old_rows_drop_after_growth"] == pytest.approx(0.04)
