@@ -61,7 +61,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     train(
         model,
         LabelledTensors(torch.tensor(data.images), torch.tensor(data.labels)),
-        TrainConfig(epochs=1, batch_size=32, lr=0.05, seed=0),
+        # 2 epochs: after 1 the logits are close enough that INT8 flipped 2.7%
+        # of the answers for one seed (the rule allows 2%)
+        TrainConfig(epochs=2, batch_size=32, lr=0.05, seed=0),
     )
     torch.set_num_threads(before)
     class_map = catalog.snapshot()

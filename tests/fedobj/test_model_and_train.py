@@ -183,7 +183,9 @@ def test_fedprox_term_keeps_weights_closer_to_global() -> None:
         torch.manual_seed(0)
         model = build_model(ModelArgs("cnn", 10))
         start = [p.detach().clone() for p in model.parameters()]
-        train(model, data, TrainConfig(lr=0.1, proximal_mu=mu, seed=0, augment=False))
+        # lr 0.02: at 0.1 this cnn swings so far on 600 images that the drift
+        # is noise (651 without the term, 870 with it, for one seed)
+        train(model, data, TrainConfig(lr=0.02, proximal_mu=mu, seed=0, augment=False))
         return float(
             sum(
                 (p.detach() - s).pow(2).sum() for p, s in zip(model.parameters(), start)
