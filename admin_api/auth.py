@@ -26,6 +26,8 @@ from fedobj.catalog import NotFoundError
 READ = ("admin", "viewer")
 WRITE = ("admin",)
 DETECT = ("admin", "device")
+CATALOG_READ = ("admin", "viewer", "device")
+"""Reading the category list: a device's collect page picks categories from it."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from litestar.pagination import OffsetPagination
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
-from admin_api.auth import READ, WRITE, allow
+from admin_api.auth import CATALOG_READ, READ, WRITE, allow
 from admin_api.routes.common import CatalogDep, Limit, Offset, actor_of
 from admin_api.schemas import (
     CategoryCreate,
@@ -29,7 +29,7 @@ class CategoryController(Controller):
     path = "/categories"
     tags = ["categories"]
 
-    @get("/", guards=[allow(*READ)])
+    @get("/", guards=[allow(*CATALOG_READ)])
     async def list_categories(
         self,
         catalog: CatalogDep,

@@ -32,7 +32,7 @@ WRITES = [
     ),
 ]
 READS = [
-    ("GET", f"{V1}/categories", {}, {"admin", "viewer"}),
+    ("GET", f"{V1}/categories", {}, {"admin", "viewer", "device"}),
     ("GET", f"{V1}/categories/bag/stats", {}, {"admin", "viewer"}),
     ("GET", f"{V1}/versions", {}, {"admin", "viewer"}),
     ("GET", f"{V1}/versions/current", {}, {"admin", "viewer"}),
