@@ -26,6 +26,7 @@ from fedobj.calibration import CalibrationSettings
 from fedobj.catalog import SyncCatalog
 from fedobj.classmap import ClassMap
 from fedobj.config import RunConfig
+from fedobj.confusion import confusion_metrics
 from fedobj.data.categories import FASHION_MNIST_NAMES
 from fedobj.data.node_data import load_test_set
 from fedobj.errors import ConfigError, FedObjError
@@ -118,6 +119,7 @@ class CentralEvaluator:
         out.update(
             {f"class-{k}-accuracy": v for k, v in res.per_class_accuracy.items()}
         )
+        out.update(confusion_metrics(res.confusion))
         return out
 
 
@@ -157,7 +159,23 @@ def run(grid: Grid, context: Context) -> None:
     catalog = open_catalog(cfg, outputs_root)
     store = ArtifactStore(cfg.registry_uri or outputs_root)
     with held_lease(catalog, run_id, cfg.lease_ttl, force=cfg.allow_concurrent_runs):
-        _run_with_catalog(grid, cfg, run_id, outputs_root, catalog, store)
+        try:
+            _run_with_catalog(grid, cfg, run_id, outputs_root, catalog, store)
+        except BaseException as exc:  # a kill by flwr stop is a failure too
+            _end_run(catalog, run_id, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        _end_run(catalog, run_id, "completed")
+
+
+def _end_run(
+    catalog: SyncCatalog, run_id: str, status: str, error: str | None = None
+) -> None:
+    """Mark the run's row ended; a database that is gone must not hide the
+    run's own error, so a failure here is logged, not raised."""
+    try:
+        catalog.end_run(run_id, status, error)
+    except FedObjError as exc:
+        log.error("run %s: could not record its end (%s): %s", run_id, status, exc)
 
 
 def _run_with_catalog(
@@ -227,6 +245,14 @@ def _run_with_catalog(
         }
     )
 
+    catalog.begin_run(
+        run_id,
+        strategy=cfg.strategy,
+        model=cfg.model,
+        first_round=first_round,
+        last_round=first_round + cfg.num_server_rounds - 1,
+        config=cfg.to_flower(),
+    )
     final: dict[str, str] = {}
 
     def on_round(report: RoundReport) -> None:

@@ -1079,6 +1079,10 @@ class CatalogStrategy(Strategy):
                         keys.TRAIN_ACCURACY if kind == "train" else keys.EVAL_ACCURACY
                     ),
                     error=error,
+                    train_seconds=m.get(keys.TRAIN_SECONDS)
+                    if kind == "train"
+                    else None,
+                    dp_epsilon=m.get(keys.DP_EPSILON) if kind == "train" else None,
                 )
                 if kind == "train" and n.error is None:
                     self._node_seen(n, report.class_map)

@@ -140,6 +140,8 @@ class EvalResult:
     accuracy: float
     num_examples: int
     per_class_accuracy: dict[int, float] = field(default_factory=dict)
+    confusion: dict[tuple[int, int], int] = field(default_factory=dict)
+    """``(true class, predicted class) -> images``, non-zero cells only."""
 
 
 def _logit_mask(num_classes: int, active: list[int] | None) -> torch.Tensor | None:
@@ -452,7 +454,15 @@ def evaluate(
     for c in torch.unique(data.labels).tolist():
         sel = data.labels == c
         per_class[int(c)] = float(hit[sel].float().mean())
-    return EvalResult(total_loss / n, float(hit.float().mean()), n, per_class)
+    pairs = data.labels.long() * num_classes + pred.long()
+    counts = torch.bincount(pairs, minlength=num_classes * num_classes)
+    confusion = {
+        (int(i) // num_classes, int(i) % num_classes): int(counts[i])
+        for i in torch.nonzero(counts).flatten().tolist()
+    }
+    return EvalResult(
+        total_loss / n, float(hit.float().mean()), n, per_class, confusion
+    )
 
 
 def lr_for_round(

@@ -43,6 +43,7 @@ from fedobj.catalog.records import (
     NodeRecord,
     NodeRoundRecord,
     RoundRecord,
+    RunRecord,
     RunSummary,
     VersionRecord,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "NodeRoundRecord",
     "NotFoundError",
     "RoundRecord",
+    "RunRecord",
     "RunSummary",
     "SyncCatalog",
     "VersionPrunedError",

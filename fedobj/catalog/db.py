@@ -169,6 +169,7 @@ class BoundTables(SimpleNamespace):
     TrainingRound: type[tables.TrainingRound]
     Node: type[tables.Node]
     NodeRound: type[tables.NodeRound]
+    Run: type[tables.Run]
     RunLease: type[tables.RunLease]
     ApiKey: type[tables.ApiKey]
     AuditEntry: type[tables.AuditEntry]

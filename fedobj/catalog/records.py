@@ -117,6 +117,24 @@ class NodeRoundRecord:
     accuracy: float | None
     error: str | None
     created_at: datetime
+    train_seconds: float | None = None
+    dp_epsilon: float | None = None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as its ServerApp began it (rounds ``first_round..last_round``)."""
+
+    run_id: str
+    status: str  # running | completed | failed
+    strategy: str
+    model: str
+    first_round: int
+    last_round: int
+    config: dict[str, Any]
+    error: str | None
+    started_at: datetime
+    finished_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -278,6 +296,24 @@ def node_round_from_row(row: Mapping[str, Any]) -> NodeRoundRecord:
         accuracy=row["accuracy"],
         error=row["error"],
         created_at=row["created_at"],
+        train_seconds=row.get("train_seconds"),
+        dp_epsilon=row.get("dp_epsilon"),
+    )
+
+
+def run_from_row(row: Mapping[str, Any]) -> RunRecord:
+    """A selected ``run`` row as a record."""
+    return RunRecord(
+        run_id=row["run_id"],
+        status=row["status"],
+        strategy=row["strategy"] or "",
+        model=row["model"] or "",
+        first_round=int(row["first_round"]),
+        last_round=int(row["last_round"]),
+        config=dict(json_value(row["config"]) or {}),
+        error=row["error"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
     )
 
 

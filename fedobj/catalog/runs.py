@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from fedobj.catalog._base import CatalogBase, finite_or_none, guarded
+from fedobj.catalog._base import CatalogBase, finite_or_none, guarded, plain_json
 from fedobj.catalog.errors import CatalogValueError, NotFoundError
 from fedobj.catalog.records import (
     NODE_ROUND_KINDS,
@@ -17,15 +17,99 @@ from fedobj.catalog.records import (
     NodeRecord,
     NodeRoundRecord,
     RoundRecord,
+    RunRecord,
     RunSummary,
     node_from_row,
     node_round_from_row,
     round_from_row,
+    run_from_row,
 )
+
+RUN_STATUSES: tuple[str, ...] = ("running", "completed", "failed")
 
 
 class RunOps(CatalogBase):
     """Round and node operations of :class:`fedobj.catalog.Catalog`."""
+
+    # ------------------------------------------------------------ runs
+
+    @guarded
+    async def begin_run(
+        self,
+        run_id: str,
+        *,
+        strategy: str,
+        model: str,
+        first_round: int,
+        last_round: int,
+        config: dict[str, Any] | None = None,
+    ) -> RunRecord:
+        """Record that a run started (again, for a resumed run id: reset)."""
+        t = self.tables.Run
+        values: dict[Any, Any] = {
+            t.status: "running",
+            t.strategy: strategy,
+            t.model: model,
+            t.first_round: int(first_round),
+            t.last_round: int(last_round),
+            t.config: plain_json(config or {}, "run config"),
+            t.error: None,
+            t.started_at: self.clock(),
+            t.finished_at: None,
+        }
+        async with self._write():
+            exists = await t.exists().where(t.run_id == str(run_id))
+            if exists:
+                await t.update(values).where(t.run_id == str(run_id))
+            else:
+                await t.insert(
+                    t(
+                        run_id=str(run_id),
+                        **{c._meta.name: v for c, v in values.items()},
+                    )
+                )
+        return await self.get_run(run_id)
+
+    @guarded
+    async def end_run(
+        self, run_id: str, status: str, error: str | None = None
+    ) -> RunRecord:
+        """Record how a run ended (``completed``, or ``failed`` with its error)."""
+        if status not in RUN_STATUSES:
+            raise CatalogValueError(
+                f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}"
+            )
+        t = self.tables.Run
+        async with self._write():
+            await t.update(
+                {t.status: status, t.error: error, t.finished_at: self.clock()}
+            ).where(t.run_id == str(run_id))
+        return await self.get_run(run_id)
+
+    @guarded
+    async def get_run(self, run_id: str) -> RunRecord:
+        t = self.tables.Run
+        row = (
+            await t.select()
+            .where(t.run_id == str(run_id))
+            .first()
+            .output(load_json=True)
+        )
+        if row is None:
+            raise NotFoundError(f"no run {run_id!r}")
+        return run_from_row(row)
+
+    @guarded
+    async def list_run_records(self, limit: int = 100) -> list[RunRecord]:
+        """Runs as their ServerApps began them, most recent first."""
+        t = self.tables.Run
+        rows = (
+            await t.select()
+            .order_by(t.started_at, ascending=False)
+            .limit(limit)
+            .output(load_json=True)
+        )
+        return [run_from_row(r) for r in rows]
 
     # ------------------------------------------------------------ rounds
 
@@ -219,6 +303,8 @@ class RunOps(CatalogBase):
         loss: float | None = None,
         accuracy: float | None = None,
         error: str | None = None,
+        train_seconds: float | None = None,
+        dp_epsilon: float | None = None,
     ) -> None:
         """Store one node's reply (or its error) to a train/evaluate message.
 
@@ -241,6 +327,8 @@ class RunOps(CatalogBase):
                 accuracy=finite_or_none(accuracy),
                 error=error,
                 created_at=self.clock(),
+                train_seconds=finite_or_none(train_seconds),
+                dp_epsilon=finite_or_none(dp_epsilon),
             )
         )
 

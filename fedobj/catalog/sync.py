@@ -30,6 +30,7 @@ from fedobj.catalog.records import (
     NodeRecord,
     NodeRoundRecord,
     RoundRecord,
+    RunRecord,
     RunSummary,
     VersionRecord,
 )
@@ -294,6 +295,36 @@ class SyncCatalog:
         """See :meth:`Catalog.list_runs`."""
         return _run(self.aio.list_runs())
 
+    def begin_run(
+        self,
+        run_id: str,
+        *,
+        strategy: str,
+        model: str,
+        first_round: int,
+        last_round: int,
+        config: dict[str, Any] | None = None,
+    ) -> RunRecord:
+        """See :meth:`Catalog.begin_run`."""
+        return _run(
+            self.aio.begin_run(
+                run_id,
+                strategy=strategy,
+                model=model,
+                first_round=first_round,
+                last_round=last_round,
+                config=config,
+            )
+        )
+
+    def end_run(self, run_id: str, status: str, error: str | None = None) -> RunRecord:
+        """See :meth:`Catalog.end_run`."""
+        return _run(self.aio.end_run(run_id, status, error))
+
+    def get_run(self, run_id: str) -> RunRecord:
+        """See :meth:`Catalog.get_run`."""
+        return _run(self.aio.get_run(run_id))
+
     # ------------------------------------------------------------ nodes
 
     def upsert_node(
@@ -336,6 +367,8 @@ class SyncCatalog:
         loss: float | None = None,
         accuracy: float | None = None,
         error: str | None = None,
+        train_seconds: float | None = None,
+        dp_epsilon: float | None = None,
     ) -> None:
         """See :meth:`Catalog.record_node_round`."""
         _run(
@@ -348,6 +381,8 @@ class SyncCatalog:
                 loss=loss,
                 accuracy=accuracy,
                 error=error,
+                train_seconds=train_seconds,
+                dp_epsilon=dp_epsilon,
             )
         )
 

@@ -146,6 +146,29 @@ class NodeRound(Table, tablename="node_round"):
     accuracy = DoublePrecision(null=True, default=None)
     error = Text(null=True, default=None)
     created_at = Timestamptz()
+    train_seconds = DoublePrecision(null=True, default=None)  # the node's own timing
+    dp_epsilon = DoublePrecision(null=True, default=None)  # budget spent so far (dp)
+
+
+class Run(Table, tablename="run"):
+    """One ``flwr run`` as the ServerApp started it, and how it ended.
+
+    The rounds table says how far a run got; this row says what it was asked to do
+    (strategy, model, rounds ``first_round..last_round``) and its end (``running``,
+    ``completed`` or ``failed`` with the error), so the console can show "round k
+    of N" before the first version exists and a failed run reads as failed.
+    """
+
+    run_id = Varchar(length=NAME_MAX, unique=True)
+    status = Varchar(length=16, default="running")
+    strategy = Varchar(length=64, default="")
+    model = Varchar(length=64, default="")
+    first_round = Integer(default=1)
+    last_round = Integer(default=0)
+    config = JSON(default={})
+    error = Text(null=True, default=None)
+    started_at = Timestamptz()
+    finished_at = Timestamptz(null=True, default=None)
 
 
 class RunLease(Table, tablename="run_lease"):
@@ -209,6 +232,7 @@ ALL_TABLES: tuple[type[Table], ...] = (
     TrainingRound,
     Node,
     NodeRound,
+    Run,
     RunLease,
     ApiKey,
     AuditEntry,
