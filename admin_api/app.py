@@ -24,6 +24,9 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusConfig
 
 from admin_api.auth import ApiKeyMiddleware, KeyCache
+from admin_api.console import console_handlers, template_config
+from admin_api.console.live import Broadcaster
+from admin_api.console.session import SessionCodec
 from admin_api.problems import EXCEPTION_HANDLERS
 from admin_api.routes.categories import CategoryController
 from admin_api.routes.common import provide_catalog, provide_server
@@ -58,6 +61,8 @@ def create_app(settings: ApiSettings | None = None) -> Litestar:
         await catalog.migrate()
         await catalog.start_pool()
         app.state.api_secret = load_secret(settings.secret_path)
+        app.state.session_codec = SessionCodec(app.state.api_secret)
+        app.state.broadcaster = Broadcaster(catalog)
         app.state.model_server = ModelServer(
             catalog,
             ArtifactStore(settings.registry_root),
@@ -70,6 +75,7 @@ def create_app(settings: ApiSettings | None = None) -> Litestar:
         try:
             yield
         finally:
+            await app.state.broadcaster.close()
             await catalog.close_pool()
 
     api = Router(
@@ -88,7 +94,7 @@ def create_app(settings: ApiSettings | None = None) -> Litestar:
         middleware.append(
             RateLimitConfig(
                 rate_limit=("second", settings.rate_limit_per_second),
-                exclude=PUBLIC_PATHS,
+                exclude=[*PUBLIC_PATHS, "^/static/"],
             ).middleware
         )
     middleware.append(DefineMiddleware(ApiKeyMiddleware, exclude=PUBLIC_PATHS))
@@ -98,7 +104,8 @@ def create_app(settings: ApiSettings | None = None) -> Litestar:
         ).middleware
     )
     return Litestar(
-        route_handlers=[health, api, MetricsController],
+        route_handlers=[health, api, MetricsController, *console_handlers(settings)],
+        template_config=template_config(),
         dependencies={
             "catalog": Provide(provide_catalog, sync_to_thread=False),
             "model_server": Provide(provide_server, sync_to_thread=False),

@@ -98,14 +98,10 @@ class SessionCodec:
         )
 
     def csrf_ok(self, session: Session, token: str | None) -> bool:
-        return bool(token) and hmac.compare_digest(
-            str(token), self.csrf_token(session)
-        )
+        return bool(token) and hmac.compare_digest(str(token), self.csrf_token(session))
 
     def _sign(self, payload: str) -> str:
-        return _b64(
-            hmac.new(self._sign_key, payload.encode(), hashlib.sha256).digest()
-        )
+        return _b64(hmac.new(self._sign_key, payload.encode(), hashlib.sha256).digest())
 
 
 def same_origin(origin: str | None, host: str | None) -> bool:

@@ -70,9 +70,7 @@ def manifest_entries() -> list[dict[str, object]]:
     """What the committed files are, as the manifest records them."""
     entries: list[dict[str, object]] = []
     for pkg in PACKAGES:
-        files = {
-            Path(f).name: sha256_of(pkg.folder / Path(f).name) for f in pkg.files
-        }
+        files = {Path(f).name: sha256_of(pkg.folder / Path(f).name) for f in pkg.files}
         entries.append(
             {
                 "package": pkg.name,

@@ -16,7 +16,7 @@ nodes and the run lease. Everything that reads or writes it goes through:
 10
 """
 
-from fedobj.catalog.admin import ROLES
+from fedobj.catalog.admin import ROLES, DetectionFilter
 from fedobj.catalog.catalog import Catalog
 from fedobj.catalog.db import ENV_URL, DatabaseSpec, resolve_url
 from fedobj.catalog.errors import (
@@ -73,6 +73,7 @@ __all__ = [
     "NodeRoundRecord",
     "NotFoundError",
     "RoundRecord",
+    "DetectionFilter",
     "RunRecord",
     "RunSummary",
     "SyncCatalog",

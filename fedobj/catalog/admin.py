@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -25,7 +26,17 @@ from fedobj.catalog.records import (
 )
 
 ROLES: tuple[str, ...] = ("admin", "viewer", "device")
-"""Admin: everything; viewer: reads; device: detection only."""
+"""Admin: everything; viewer: reads; device: detection, and the category list."""
+
+
+@dataclass(frozen=True)
+class DetectionFilter:
+    """Which detections a history page shows: top category, version, time span."""
+
+    class_index: int | None = None
+    model_version: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
 
 
 class AdminOps(CatalogBase):
@@ -211,11 +222,29 @@ class AdminOps(CatalogBase):
         async with self._write():
             await t.insert(*rows)
 
+    def _detections_where(self, query: Any, f: DetectionFilter | None) -> Any:
+        t = self.tables.Detection
+        if f is None:
+            return query
+        if f.class_index is not None:
+            query = query.where(t.top_class_index == int(f.class_index))
+        if f.model_version:
+            query = query.where(t.model_version == f.model_version)
+        if f.since is not None:
+            query = query.where(t.at >= f.since)
+        if f.until is not None:
+            query = query.where(t.at < f.until)
+        return query
+
     @guarded
     async def list_detections(
-        self, *, limit: int = 100, offset: int = 0
+        self,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        where: DetectionFilter | None = None,
     ) -> list[DetectionRecord]:
-        """Detections, newest first."""
+        """Detections, newest first, optionally filtered (``where``)."""
         t = self.tables.Detection
         query = (
             t.select()
@@ -223,9 +252,10 @@ class AdminOps(CatalogBase):
             .limit(limit)
             .offset(offset)
         )
+        query = self._detections_where(query, where)
         return [detection_from_row(r) for r in await query.output(load_json=True)]
 
     @guarded
-    async def count_detections(self) -> int:
+    async def count_detections(self, where: DetectionFilter | None = None) -> int:
         """How many rows :meth:`list_detections` would page through."""
-        return int(await self.tables.Detection.count())
+        return int(await self._detections_where(self.tables.Detection.count(), where))
