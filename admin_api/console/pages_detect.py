@@ -126,7 +126,7 @@ def detect_handler(settings: ApiSettings) -> Any:
 
 
 def _filter(
-    category: int | None, version: str | None, day_from: str, day_to: str
+    category: str, version: str | None, day_from: str, day_to: str
 ) -> DetectionFilter:
     def day(text: str) -> datetime | None:
         if not text:
@@ -135,7 +135,7 @@ def _filter(
 
     until = day(day_to)
     return DetectionFilter(
-        class_index=category,
+        class_index=int(category) if category else None,
         model_version=version or None,
         since=day(day_from),
         until=until + timedelta(days=1) if until else None,
@@ -143,13 +143,15 @@ def _filter(
 
 
 Day = Annotated[str, Parameter(max_length=10, pattern=r"^(\d{4}-\d{2}-\d{2})?$")]
+Category = Annotated[str, Parameter(max_length=9, pattern=r"^\d*$")]
+"""A class index, or "" for any (a form's empty choice)."""
 
 
 @get("/detections")
 async def history_page(
     request: Request[Any, Any, Any],
     catalog: CatalogDep,
-    category: Annotated[int | None, Parameter(ge=0, le=2**31 - 1)] = None,
+    category: Category = "",
     version: Annotated[str | None, Parameter(max_length=255)] = None,
     day_from: Day = "",
     day_to: Day = "",
@@ -171,7 +173,7 @@ async def history_page(
         names={e.index: e.name for e in snapshot.entries},
         versions=[v.name for v in await catalog.list_versions(limit=200)],
         f={
-            "category": category,
+            "category": int(category) if category else None,
             "version": version or "",
             "day_from": day_from,
             "day_to": day_to,
@@ -183,7 +185,7 @@ async def history_page(
 async def history_csv(
     request: Request[Any, Any, Any],
     catalog: CatalogDep,
-    category: Annotated[int | None, Parameter(ge=0, le=2**31 - 1)] = None,
+    category: Category = "",
     version: Annotated[str | None, Parameter(max_length=255)] = None,
     day_from: Day = "",
     day_to: Day = "",
@@ -216,7 +218,11 @@ async def history_csv(
                 d.image_sha256,
                 d.model_version,
                 d.detected,
-                names.get(d.top_class_index or -1, ""),
+                (
+                    ""
+                    if d.top_class_index is None
+                    else names.get(d.top_class_index, "")
+                ),
                 d.top_class_index,
                 d.top_confidence,
                 round(d.inference_time_ms, 3),

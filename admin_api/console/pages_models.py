@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from litestar import Request, Response, get, post
 from litestar.enums import RequestEncodingType
@@ -74,12 +74,13 @@ async def catalog_page(
     request: Request[Any, Any, Any],
     catalog: CatalogDep,
     q: Annotated[str | None, Parameter(max_length=255)] = None,
-    active: bool | None = None,
+    active: Literal["", "true", "false"] = "",
     offset: Annotated[int, Parameter(ge=0, le=10**9)] = 0,
 ) -> Template:
     """Search and filter; htmx asks for the table alone as the person types."""
     require(request, *READ)
-    context = await _catalog_context(catalog, q, active, offset)
+    shown = None if active == "" else active == "true"
+    context = await _catalog_context(catalog, q, shown, offset)
     if is_htmx(request) and request.headers.get("hx-target") == "category-table":
         return page(request, "_category_table.html", **context)
     return page(request, "catalog.html", form={}, errors={}, **context)
@@ -148,6 +149,7 @@ async def edit_category(
     who = require(request, *WRITE)
     category = await catalog.get_category(slug)
     errors: dict[str, str] = {}
+    status = 409
     if data.updated_at and data.updated_at != category.updated_at.isoformat():
         errors["form"] = (
             "This category was changed by someone else after you opened the form; "
@@ -165,11 +167,12 @@ async def edit_category(
             return Redirect(f"/catalog?q={category.slug}", status_code=303)
         except (CatalogValueError, ConflictError) as exc:
             errors["name"] = str(exc)
+            status = 409 if isinstance(exc, ConflictError) else 422
     fresh = await catalog.get_category(slug)
     return page(
         request,
         "category_edit.html",
-        status_code=409 if "form" in errors else 422,
+        status_code=status,
         c=fresh,
         errors=errors,
         form=data if "form" not in errors else None,

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from piccolo.utils.sync import run_sync
 
 from fedobj.catalog._base import utcnow
+from fedobj.catalog.admin import DetectionFilter
 from fedobj.catalog.catalog import Catalog
 from fedobj.catalog.categories import CategoryKey
 from fedobj.catalog.migrate import migrate
@@ -26,6 +27,7 @@ from fedobj.catalog.records import (
     AuditRecord,
     CategoryRecord,
     CategoryStats,
+    DetectionRecord,
     LeaseRecord,
     NodeRecord,
     NodeRoundRecord,
@@ -423,6 +425,20 @@ class SyncCatalog:
     ) -> list[AuditRecord]:
         """See :meth:`Catalog.list_audit`."""
         return _run(self.aio.list_audit(action=action, limit=limit, offset=offset))
+
+    def list_detections(
+        self,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        where: DetectionFilter | None = None,
+    ) -> list[DetectionRecord]:
+        """See :meth:`Catalog.list_detections`."""
+        return _run(self.aio.list_detections(limit=limit, offset=offset, where=where))
+
+    def count_detections(self, where: DetectionFilter | None = None) -> int:
+        """See :meth:`Catalog.count_detections`."""
+        return _run(self.aio.count_detections(where))
 
     # ------------------------------------------------------------ lease
 

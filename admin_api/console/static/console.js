@@ -106,7 +106,7 @@
       for (const f of files) body.append("images", f, f.name || "camera.png");
       body.append("threshold", document.getElementById("threshold").value);
       body.append("top_k", document.getElementById("top_k").value);
-      results.innerHTML = '<p class="muted">Detecting…</p>';
+      results.innerHTML = '<p class="muted">Detecting… (the first image for a new version waits for its ONNX export: seconds)</p>';
       try {
         const resp = await fetch("/detect", {
           method: "POST", body, headers: { "X-CSRF-Token": csrf(), "HX-Request": "true" },
