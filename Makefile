@@ -26,12 +26,17 @@ export FLWR_LOCAL_CONTROL_API_PORT := $(CONTROL_PORT)
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FEDOBJ_OUTPUTS_DIR ?= $(CURDIR)/outputs
 
-.PHONY: help setup data demo test lint unit e2e stop clean
+CONSOLE_PORT ?= 8000
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: help setup data chromium demo console vendor test lint unit e2e browser stop clean
 
 help:
 	@echo "make demo   set up .venv, get Fashion-MNIST, train 10 simulated devices"
 	@echo "make test   set up .venv, run ruff, mypy and the whole test suite"
+	@echo "make console serve the web console over the demo's outputs (prints URL and key)"
 	@echo "make stop   stop the background SuperLink and everything it started"
+	@echo "make vendor refresh the console's vendored front-end files from npm"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +56,16 @@ data:
 	  exit 1; \
 	fi
 
+chromium:
+	@if [ -x "$(CHROMIUM)" ] || [ -n "$${FEDOBJ_CHROMIUM:-}" ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  echo "Installing Chromium for the browser tests (Debian package chromium)..."; \
+	  SUDO=; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; \
+	else \
+	  echo "Chromium not found: install it or set FEDOBJ_CHROMIUM"; exit 1; \
+	fi
+
 demo: setup data
 	@$(BIN)/fedobj superlink start $(LINK)
 	@status=0; \
@@ -60,18 +75,34 @@ demo: setup data
 	if [ $$status -ne 0 ]; then echo "flwr run failed (exit $$status)"; exit $$status; fi; \
 	$(BIN)/fedobj runs show latest --outputs "$(FEDOBJ_OUTPUTS_DIR)"
 
+# A key made for this console session and revoked when it stops (Ctrl-C).
+console: setup
+	@mkdir -p "$(FEDOBJ_OUTPUTS_DIR)"
+	@key=$$($(BIN)/fedobj admin keys create --role admin --name "make console $$(date +%F.%T)" 2>/dev/null); \
+	key_id=$${key:3:10}; \
+	trap '$(BIN)/fedobj admin keys revoke '"$$key_id"' >/dev/null 2>&1 || true' EXIT; \
+	echo; echo "  fedobj console: http://127.0.0.1:$(CONSOLE_PORT)/"; \
+	echo "  admin key (valid until this console stops): $$key"; echo; \
+	$(BIN)/fedobj admin serve --host 127.0.0.1 --port $(CONSOLE_PORT) --log-level warning
+
+vendor:
+	$(PYTHON) admin_api/console/vendor_assets.py
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 unit: setup
-	$(BIN)/pytest -m "not e2e and not deployment" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not e2e and not deployment and not browser" $(PYTEST_ARGS)
 
 e2e: setup
 	$(BIN)/pytest -m "e2e or deployment" $(PYTEST_ARGS)
 
-test: lint
+browser: setup chromium
+	$(BIN)/pytest -m browser $(PYTEST_ARGS)
+
+test: lint chromium
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 stop:
