@@ -171,7 +171,7 @@ async def history_page(
         offset=offset,
         page_size=HISTORY_PAGE,
         names={e.index: e.name for e in snapshot.entries},
-        versions=[v.name for v in await catalog.list_versions(limit=200)],
+        versions=[v.name for v in await catalog.list_version_briefs(limit=200)],
         f={
             "category": int(category) if category else None,
             "version": version or "",
@@ -218,11 +218,7 @@ async def history_csv(
                 d.image_sha256,
                 d.model_version,
                 d.detected,
-                (
-                    ""
-                    if d.top_class_index is None
-                    else names.get(d.top_class_index, "")
-                ),
+                ("" if d.top_class_index is None else names.get(d.top_class_index, "")),
                 d.top_class_index,
                 d.top_confidence,
                 round(d.inference_time_ms, 3),

@@ -9,6 +9,7 @@ browser, and the pages and the live fragments cannot disagree.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,7 @@ from fedobj.catalog import (
     NodeRoundRecord,
     RoundRecord,
     RunRecord,
+    VersionBrief,
     VersionRecord,
 )
 from fedobj.confusion import confusion_from_metrics
@@ -106,7 +108,7 @@ def _seconds(r: RoundRecord) -> float | None:
 def build_feed(
     rounds: list[RoundRecord],
     node_rounds: list[NodeRoundRecord],
-    versions: list[VersionRecord],
+    versions: Sequence[VersionBrief | VersionRecord],
 ) -> list[FeedLine]:
     """One line per round, newest first."""
     by_round = {v.round: v for v in sorted(versions, key=lambda v: v.number)}
@@ -117,7 +119,7 @@ def build_feed(
     lines, previous = [], None
     for r in rounds:
         v = by_round.get(r.round)
-        classes = v.class_map.num_classes if v is not None else None
+        classes = _num_classes(v) if v is not None else None
         grew = previous is not None and classes is not None and classes > previous
         if classes is not None:
             previous = classes
@@ -136,6 +138,12 @@ def build_feed(
             )
         )
     return lines[::-1]
+
+
+def _num_classes(v: VersionBrief | VersionRecord) -> int:
+    if isinstance(v, VersionBrief):
+        return v.num_classes
+    return v.class_map.num_classes
 
 
 def build_series(
@@ -193,7 +201,7 @@ async def overview(catalog: Catalog, now: datetime | None = None) -> Overview:
         return Overview(None, [], [], current, None, None, None, None, None)
     rounds = await catalog.rounds(run.run_id)
     node_rounds = await catalog.node_rounds(run.run_id)
-    versions = await catalog.list_versions(run_id=run.run_id, limit=RUN_VERSIONS)
+    versions = await catalog.list_version_briefs(run_id=run.run_id, limit=RUN_VERSIONS)
     feed = build_feed(rounds, node_rounds, versions)
     latest = rounds[-1] if rounds else None
     end = run.finished_at or now

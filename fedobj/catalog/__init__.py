@@ -45,6 +45,7 @@ from fedobj.catalog.records import (
     RoundRecord,
     RunRecord,
     RunSummary,
+    VersionBrief,
     VersionRecord,
 )
 from fedobj.catalog.sync import SyncCatalog
@@ -78,6 +79,7 @@ __all__ = [
     "RunSummary",
     "SyncCatalog",
     "VersionPrunedError",
+    "VersionBrief",
     "VersionRecord",
     "migrate",
     "migrate_async",

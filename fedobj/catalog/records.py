@@ -65,6 +65,20 @@ class VersionRecord:
 
 
 @dataclass(frozen=True)
+class VersionBrief:
+    """A version without its JSON (metrics, class map, provenance): for lists
+    that show many versions, where decoding those dominates the page's time."""
+
+    number: int
+    name: str
+    run_id: str
+    round: int
+    num_classes: int
+    accuracy: float | None
+    is_current: bool
+
+
+@dataclass(frozen=True)
 class RoundRecord:
     """One server round of one run."""
 

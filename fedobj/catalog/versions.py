@@ -25,7 +25,12 @@ from fedobj.catalog.errors import (
     NotFoundError,
     VersionPrunedError,
 )
-from fedobj.catalog.records import VersionRecord, json_value, version_from_row
+from fedobj.catalog.records import (
+    VersionBrief,
+    VersionRecord,
+    json_value,
+    version_from_row,
+)
 from fedobj.catalog.tables import NAME_MAX
 from fedobj.classmap import ClassMap
 
@@ -175,6 +180,40 @@ class VersionOps(CatalogBase):
         if not include_pruned:
             query = query.where(t.pruned == False)  # noqa: E712
         return [version_from_row(r) for r in await query]
+
+    @guarded
+    async def list_version_briefs(
+        self, *, run_id: str | None = None, limit: int = 100
+    ) -> list[VersionBrief]:
+        """Versions newest first, a few plain columns each (no JSON decoded)."""
+        t = self.tables.ModelVersion
+        query = (
+            t.select(
+                t.number,
+                t.name,
+                t.run_id,
+                t.round,
+                t.num_classes,
+                t.accuracy,
+                t.is_current,
+            )
+            .order_by(t.number, ascending=False)
+            .limit(limit)
+        )
+        if run_id is not None:
+            query = query.where(t.run_id == run_id)
+        return [
+            VersionBrief(
+                number=int(r["number"]),
+                name=r["name"],
+                run_id=r["run_id"],
+                round=int(r["round"]),
+                num_classes=int(r["num_classes"]),
+                accuracy=r["accuracy"],
+                is_current=bool(r["is_current"]),
+            )
+            for r in await query
+        ]
 
     @guarded
     async def current_version(self) -> VersionRecord | None:
