@@ -81,6 +81,7 @@ RESET = (
     "DELETE FROM api_key",
     "DELETE FROM node",
     "DELETE FROM training_round",
+    "DELETE FROM run",
     "UPDATE model_version SET parent = NULL",
     "DELETE FROM model_version",
     "DELETE FROM category",
