@@ -69,11 +69,10 @@ chromium:
 demo: setup data
 	@$(BIN)/fedobj superlink start $(LINK)
 	@status=0; \
-	$(BIN)/flwr run . --stream --federation-config "$(FEDERATION)" \
-	  $(if $(RUN_CONFIG),--run-config "$$RUN_CONFIG") || status=$$?; \
+	$(BIN)/fedobj run --federation-config "$(FEDERATION)" \
+	  --run-config "$$RUN_CONFIG" --outputs "$(FEDOBJ_OUTPUTS_DIR)" || status=$$?; \
 	$(BIN)/fedobj superlink stop $(LINK) >/dev/null; \
-	if [ $$status -ne 0 ]; then echo "flwr run failed (exit $$status)"; exit $$status; fi; \
-	$(BIN)/fedobj runs show latest --outputs "$(FEDOBJ_OUTPUTS_DIR)"
+	exit $$status
 
 # A key made for this console session and revoked when it stops (Ctrl-C).
 console: setup

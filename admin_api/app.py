@@ -70,7 +70,9 @@ def create_app(settings: ApiSettings | None = None) -> Litestar:
         )
         await refresh_version_gauge(catalog)
         log.info(
-            "admin API on catalog %s, registry %s", catalog.url, settings.registry_root
+            "admin API on catalog %s, registry %s",
+            catalog.url,
+            app.state.model_server.store.public_root,
         )
         try:
             yield

@@ -10,6 +10,7 @@ lookup per request; a revocation is seen within that time.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 
 from fedobj.apikeys import key_id_of, token_matches
-from fedobj.catalog import NotFoundError
+from fedobj.catalog import DatabaseWriteError, NotFoundError
+
+log = logging.getLogger("admin_api")
 
 READ = ("admin", "viewer")
 WRITE = ("admin",)
@@ -106,8 +109,17 @@ async def _verify(state: Any, token: str) -> Principal:
         state.api_secret, token, record.key_hash
     ):
         raise invalid
-    await state.catalog.touch_api_key(key_id)
+    await touch(state.catalog, key_id)
     return Principal(key_id, record.role)
+
+
+async def touch(catalog: Any, key_id: str) -> None:
+    """Note the key's last use; a database that cannot take writes (a full
+    disk) must not turn every read into a 503, so that failure is only logged."""
+    try:
+        await catalog.touch_api_key(key_id)
+    except DatabaseWriteError as exc:
+        log.warning("could not record the use of key %s: %s", key_id, exc)
 
 
 def allow(

@@ -3,8 +3,9 @@
 Domain errors from ``fedobj`` map to statuses here, in one table, so routes just
 call the catalog and let errors propagate: a duplicate name is 409, an unknown id
 404, a value the catalog refuses 422, an unusable image 400, a database that is
-not there 503. Anything unexpected is a 500 whose body says nothing internal (the
-traceback goes to the log).
+not there or cannot store anything (a full disk: ``DatabaseWriteError``, a kind of
+``DatabaseUnavailableError``) 503. Anything unexpected is a 500 whose body says
+nothing internal (the traceback goes to the log).
 """
 
 from __future__ import annotations

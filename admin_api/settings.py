@@ -1,9 +1,10 @@
 """What the admin API is configured with, and where each value comes from.
 
 Defaults put everything where a run puts it: the catalog at
-``$FEDOBJ_OUTPUTS_DIR/catalog.db`` (or ``$FEDOBJ_DATABASE_URL``), the registry in
-``$FEDOBJ_OUTPUTS_DIR``, the API secret beside them. So ``make demo`` followed by
-``fedobj admin serve`` serves the demo's versions with no flags at all.
+``$FEDOBJ_OUTPUTS_DIR/catalog.db`` (or ``$FEDOBJ_DATABASE_URL``), the registry at
+``$FEDOBJ_REGISTRY_URI`` (else in ``$FEDOBJ_OUTPUTS_DIR``), the API secret beside
+them. So ``make demo`` followed by ``fedobj admin serve`` serves the demo's versions
+with no flags at all.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedobj.errors import ConfigError
+from fedobj.registry import resolve_registry_root
 
 MB = 1024 * 1024
 
@@ -32,7 +34,9 @@ class ApiSettings:
         Catalog database; empty: ``$FEDOBJ_DATABASE_URL``, else
         ``<outputs_dir>/catalog.db``.
     registry_uri
-        Artifact store root (a folder or a ``pyarrow.fs`` URI); empty: outputs.
+        Artifact store root (a folder or a ``pyarrow.fs`` URI); empty:
+        ``$FEDOBJ_REGISTRY_URI``, else ``outputs_dir`` (the rule every process
+        follows: :func:`fedobj.registry.resolve_registry_root`).
     secret_file
         Server secret for API-key hashes (``$FEDOBJ_API_SECRET`` wins).
     rate_limit_per_second
@@ -90,7 +94,7 @@ class ApiSettings:
 
     @property
     def registry_root(self) -> str:
-        return self.registry_uri or str(self.outputs_dir)
+        return resolve_registry_root(self.registry_uri, self.outputs_dir)
 
     @property
     def secret_path(self) -> Path:

@@ -19,6 +19,7 @@ longer holds are no-ops), so running it from both places is safe.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from contextlib import contextmanager
 
 from flwr.supercore.exit import add_exit_handler
 
-from fedobj.catalog import SyncCatalog
+from fedobj.catalog import LeaseHeldError, NotFoundError, SyncCatalog
 
 log = logging.getLogger("fedobj.server")
 
@@ -67,6 +68,11 @@ def close_interrupted_rounds(catalog: SyncCatalog, run_id: str) -> list[int]:
         cut = [r.round for r in catalog.rounds(run_id) if r.status == "in_progress"]
         for r in cut:
             catalog.finish_round(run_id, r, replied=0, rejected=0, status="failed")
+        # `flwr stop` may end the process before the ServerApp's own handler runs
+        with contextlib.suppress(NotFoundError):
+            if catalog.get_run(run_id).status == "running":
+                where = f" during round {cut[0]}" if cut else ""
+                catalog.end_run(run_id, "failed", f"the run was stopped{where}")
     except Exception as exc:  # the lease must still be released, the cause raised
         log.error("run %s: could not mark interrupted rounds failed: %s", run_id, exc)
         return []
@@ -88,7 +94,14 @@ def held_lease(
 
     Raises ``LeaseHeldError`` (before the body) when another live run holds it.
     """
-    catalog.acquire_lease(run_id, ttl_s, force=force)
+    try:
+        catalog.acquire_lease(run_id, ttl_s, force=force)
+    except LeaseHeldError as exc:  # name what the user can actually set
+        raise LeaseHeldError(
+            f"{exc}; if that run is dead, start this one with the run-config key "
+            "allow-concurrent-runs=true (it takes the lease over and closes the "
+            "dead run's open round)"
+        ) from exc
     done = threading.Event()
 
     def give_back(interrupted: bool) -> None:

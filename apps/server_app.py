@@ -23,7 +23,7 @@ from apps.secagg import catalog_strategy_class
 from apps.strategy import RoundReport, make_inner_strategy
 from fedobj import keys
 from fedobj.calibration import CalibrationSettings
-from fedobj.catalog import SyncCatalog
+from fedobj.catalog import NotFoundError, RunRecord, SyncCatalog, VersionRecord
 from fedobj.classmap import ClassMap
 from fedobj.config import RunConfig
 from fedobj.confusion import confusion_metrics
@@ -134,8 +134,11 @@ def main(grid: Grid, context: Context) -> None:
     _setup_logging()
     try:
         run(grid, context)
-    except FedObjError as exc:
+    except FedObjError as exc:  # says what went wrong in its own words
         log.error("%s", exc)
+        raise
+    except Exception as exc:  # one line a launcher can show (fedobj.launch)
+        log.error("%s: %s", type(exc).__name__, exc)
         raise
 
 
@@ -157,14 +160,46 @@ def run(grid: Grid, context: Context) -> None:
     outputs_root = cfg.resolve_outputs_dir()
     outputs_root.mkdir(parents=True, exist_ok=True)
     catalog = open_catalog(cfg, outputs_root)
-    store = ArtifactStore(cfg.registry_uri or outputs_root)
+    store = ArtifactStore(cfg.resolve_registry_uri(outputs_root))
     with held_lease(catalog, run_id, cfg.lease_ttl, force=cfg.allow_concurrent_runs):
         try:
             _run_with_catalog(grid, cfg, run_id, outputs_root, catalog, store)
+        except FedObjError as exc:  # its message says it (a full disk: path, space)
+            _end_run(catalog, run_id, "failed", str(exc))
+            raise
         except BaseException as exc:  # a kill by flwr stop is a failure too
             _end_run(catalog, run_id, "failed", f"{type(exc).__name__}: {exc}")
             raise
         _end_run(catalog, run_id, "completed")
+
+
+LR_PHASE_START = "fedobj-lr-phase-start"
+"""Kept in a run row's config: the round its learning-rate schedule counts from."""
+
+
+def interrupted_plan(
+    catalog: SyncCatalog, current: VersionRecord, cfg: RunConfig
+) -> RunRecord | None:
+    """The run ``resume=true`` should finish, or None to extend by N rounds.
+
+    A run that did not complete (failed, killed, lost its lease) before its last
+    round, resumed with the same ``num-server-rounds`` it was started with, is
+    continued: its remaining rounds, its learning-rate schedule, so a seeded
+    simulation ends in the weights the uninterrupted run would have. A finished
+    run, or a different ``num-server-rounds``, means "this many more rounds".
+    """
+    try:
+        run = catalog.get_run(current.run_id)
+    except NotFoundError:
+        return None
+    asked = run.config.get("num-server-rounds")
+    if (
+        run.status == "completed"
+        or current.round >= run.last_round
+        or asked != cfg.num_server_rounds
+    ):
+        return None
+    return run
 
 
 def _end_run(
@@ -187,18 +222,34 @@ def _run_with_catalog(
     store: ArtifactStore,
 ) -> None:
     first_round, parent = 1, None
+    num_rounds, lr_start = cfg.num_server_rounds, None
     current = catalog.current_version() if cfg.resume else None
     if current is not None:
         ckpt = store.load_checkpoint(current.checkpoint_uri, current.checkpoint_sha256)
         args, class_map = ckpt.model_args, ckpt.class_map
         initial = ArrayRecord(ckpt.state_dict)
         first_round, parent = current.round + 1, current.id
-        log.info(
-            "resuming from version %s (run %s, round %d)",
-            current.name,
-            current.run_id,
-            current.round,
-        )
+        plan = interrupted_plan(catalog, current, cfg)
+        if plan is not None:  # finish what the interrupted run was asked to do
+            num_rounds = plan.last_round - current.round
+            lr_start = int(plan.config.get(LR_PHASE_START, plan.first_round))
+            log.info(
+                "continuing interrupted run %s from version %s: rounds %d..%d "
+                "(its learning-rate schedule from round %d)",
+                plan.run_id,
+                current.name,
+                first_round,
+                plan.last_round,
+                lr_start,
+            )
+        else:
+            log.info(
+                "resuming from version %s (run %s, round %d): %d more rounds",
+                current.name,
+                current.run_id,
+                current.round,
+                num_rounds,
+            )
     else:
         class_map = catalog.snapshot()
         args = ModelArgs(
@@ -223,7 +274,7 @@ def _run_with_catalog(
         run_id,
         outputs.root,
         catalog.url,
-        store.uri(""),
+        store.public_root,
     )
     provenance = {
         "run_config": cfg.to_flower(),
@@ -250,13 +301,15 @@ def _run_with_catalog(
         strategy=cfg.strategy,
         model=cfg.model,
         first_round=first_round,
-        last_round=first_round + cfg.num_server_rounds - 1,
-        config=cfg.to_flower(),
+        last_round=first_round + num_rounds - 1,
+        # a continued run keeps counting its schedule from the original start, so
+        # a second crash and resume continues it the same way
+        config={**cfg.to_flower(), LR_PHASE_START: lr_start or first_round},
     )
     final: dict[str, str] = {}
 
     def on_round(report: RoundReport) -> None:
-        _record_round(outputs, report, first_round + cfg.num_server_rounds - 1)
+        _record_round(outputs, report, first_round + num_rounds - 1)
         if report.version is not None:
             final.update(
                 checkpoint=report.version.checkpoint_uri, version=report.version.name
@@ -307,7 +360,7 @@ def _run_with_catalog(
         "%d nodes connected; rounds %d..%d of %s on %s (%d classes)",
         n_nodes,
         first_round,
-        first_round + cfg.num_server_rounds - 1,
+        first_round + num_rounds - 1,
         cfg.strategy,
         cfg.model,
         class_map.num_classes,
@@ -316,11 +369,12 @@ def _run_with_catalog(
     strategy.start(
         grid=grid,
         initial_arrays=initial,
-        num_rounds=cfg.num_server_rounds,
+        num_rounds=num_rounds,
         timeout=cfg.round_timeout,
         class_map=class_map,
         first_round=first_round,
         parent_version=parent,
+        lr_phase_start=lr_start,
     )
     _finish(outputs, time.time() - t_start, final)
 

@@ -416,11 +416,15 @@ class CatalogStrategy(Strategy):
         class_map: ClassMap | None = None,
         first_round: int = 1,
         parent_version: Any = None,
+        lr_phase_start: int | None = None,
     ) -> Result:
         """Run ``num_rounds`` rounds starting at ``first_round`` (resume continues).
 
         ``class_map`` is what ``initial_arrays``' head means (default: the catalog's
-        snapshot now); ``parent_version`` the version they came from, if any.
+        snapshot now); ``parent_version`` the version they came from, if any;
+        ``lr_phase_start`` the round the learning-rate schedule counts from
+        (default ``first_round``: a run extending a finished one starts its
+        schedule over; one continuing an interrupted run keeps that run's).
         ``evaluate_fn`` is accepted for signature compatibility; centralised
         evaluation is the constructor's ``evaluate_fn``, which also gets the map.
         """
@@ -431,7 +435,7 @@ class CatalogStrategy(Strategy):
         self._check_active(self.class_map)
         self.model_args = self.model_args.with_classes(self.class_map.num_classes)
         self.last_version_id = parent_version
-        self.lr_phase_start = first_round  # a resumed run starts its schedule over
+        self.lr_phase_start = lr_phase_start or first_round
         if parent_version is not None:  # continuing from it: follow a different current
             self.expected_current = parent_version
         else:  # a fresh model does not "roll back" to what an older run left current
@@ -947,7 +951,9 @@ class CatalogStrategy(Strategy):
             metrics["central-dp-epsilon"] = float(report.privacy["epsilon"])
         state_uri = None
         if server_state is not None:
-            state_art = self.store.put_bytes(f"{key}.server.npz", server_state)
+            state_art = self.store.put_bytes(
+                f"{key}.server.npz", server_state, what="server state"
+            )
             state_uri = state_art.uri
             provenance["server_state_sha256"] = state_art.sha256
         with self._versions_lock:  # against the check at the start of a round

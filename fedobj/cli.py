@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedobj.errors import FedObjError
@@ -21,6 +22,7 @@ from fedobj.superlink import LocalSuperLink
 
 if TYPE_CHECKING:
     from fedobj.catalog import SyncCatalog, VersionRecord
+    from fedobj.registry import ArtifactStore
     from fedobj.serving import ArtifactBytes, ModelServer, ServerChoice
 
 app = typer.Typer(
@@ -40,7 +42,9 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {exc}")
+    """One red line on stderr and exit code 2 (the message is shown verbatim:
+    a path or an SQL fragment may hold brackets that rich would read as markup)."""
+    err_console.print(f"[red]error:[/red] {escape(str(exc))}")
     return typer.Exit(code=2)
 
 
@@ -87,6 +91,25 @@ def _outputs_dir(outputs: Path | None) -> Path:
 
 
 OutputsOpt = Annotated[Path | None, typer.Option("--outputs", help="outputs folder")]
+RegistryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="artifact store, a folder or a pyarrow.fs URI (s3://bucket/prefix"
+        "?endpoint_override=host:port&scheme=http); default $FEDOBJ_REGISTRY_URI, "
+        "else the outputs folder"
+    ),
+]
+
+
+def _store(registry: str | None) -> ArtifactStore:
+    """The registry this command uses (:func:`resolve_registry_root`), or one
+    red line saying why it cannot be opened."""
+    from fedobj.registry import ArtifactStore, resolve_registry_root
+
+    try:
+        return ArtifactStore(resolve_registry_root(registry, _outputs_dir(None)))
+    except FedObjError as exc:
+        raise _fail(exc) from exc
 
 
 @runs_app.command("list")
@@ -165,6 +188,48 @@ def runs_show(
             )
         console.print(table)
     console.print(f"outputs: {folder}")
+
+
+@app.command("run")
+def run_cmd(
+    app_dir: Annotated[Path, typer.Option("--app", help="the Flower app")] = Path("."),
+    connection: Annotated[
+        str | None,
+        typer.Option(help="SuperLink connection in $FLWR_HOME/config.toml"),
+    ] = None,
+    federation_config: Annotated[
+        str, typer.Option(help="as for flwr run, e.g. 'num-supernodes=10'")
+    ] = "",
+    run_config: Annotated[
+        str, typer.Option(help="as for flwr run, e.g. 'num-server-rounds=3'")
+    ] = "",
+    outputs: OutputsOpt = None,
+) -> None:
+    """``flwr run --stream`` that exits by how the run ended.
+
+    Flower's ``flwr run --stream`` returns 0 even when the run failed; this reads
+    the run's status from the SuperLink, exits 1 with the run's error in one line
+    when it did not complete, and otherwise shows that run's (never an older
+    run's) rounds.
+    """
+    from fedobj.launch import launch
+
+    args = [str(app_dir), *([connection] if connection else [])]
+    if federation_config:
+        args += ["--federation-config", federation_config]
+    if run_config:
+        args += ["--run-config", run_config]
+    outcome = launch(args, os.environ, connection=connection)
+    if not outcome.completed:
+        err_console.print(f"[red]error:[/red] {outcome.describe()}")
+        raise typer.Exit(code=1)
+    folder = _outputs_dir(outputs) / str(outcome.run_id)
+    if (folder / "run.json").exists():
+        runs_show(str(outcome.run_id), outputs)
+    else:
+        console.print(
+            f"{outcome.describe()}; its outputs are not under {folder.parent}"
+        )
 
 
 HomeOpt = Annotated[Path, typer.Option("--home", help="FLWR_HOME for the SuperLink")]
@@ -271,7 +336,10 @@ def catalog_list(
     db: DbOpt = None,
 ) -> None:
     """Categories with their class index, folder slug and reported samples."""
-    rows = _catalog(db).list_categories(active=None if all_ else True, limit=10_000)
+    try:
+        rows = _catalog(db).list_categories(active=None if all_ else True, limit=10_000)
+    except FedObjError as exc:
+        raise _fail(exc) from exc
     table = Table()
     for col in ("index", "name", "folder", "active", "samples"):
         table.add_column(col)
@@ -306,7 +374,10 @@ def versions_list(
     db: DbOpt = None,
 ) -> None:
     """Versions, newest first; the current one is marked."""
-    rows = _catalog(db).list_versions(run_id=run, limit=10_000)
+    try:
+        rows = _catalog(db).list_versions(run_id=run, limit=10_000)
+    except FedObjError as exc:
+        raise _fail(exc) from exc
     table = Table()
     for col in ("", "version", "run", "round", "classes", "accuracy", "created"):
         table.add_column(col)
@@ -380,18 +451,14 @@ def versions_rollback(
 def versions_prune(
     keep: Annotated[int, typer.Option(help="newest versions to keep")] = 10,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="only list")] = False,
-    registry: Annotated[
-        str | None, typer.Option(help="artifact store; default the outputs folder")
-    ] = None,
+    registry: RegistryOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Delete old versions' artifacts (never the current one or a kept parent)."""
     from fedobj.pruning import prune_versions
-    from fedobj.registry import ArtifactStore
 
-    store = ArtifactStore(registry or _outputs_dir(None))
     try:
-        pruned = prune_versions(_catalog(db), store, keep, dry_run)
+        pruned = prune_versions(_catalog(db), _store(registry), keep, dry_run)
     except (FedObjError, ValueError) as exc:
         raise _fail(exc) from exc
     verb = "would prune" if dry_run else "pruned"
@@ -418,9 +485,7 @@ def admin_serve(
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     db: DbOpt = None,
-    registry: Annotated[
-        str | None, typer.Option(help="artifact store; default the outputs folder")
-    ] = None,
+    registry: RegistryOpt = None,
     outputs: OutputsOpt = None,
     rate_limit: Annotated[
         int, typer.Option(help="requests/s per client address; 0 = off")
@@ -502,7 +567,11 @@ def keys_list(
     table = Table()
     for col in ("key id", "role", "name", "created", "last used", "revoked"):
         table.add_column(col)
-    for k in _catalog(db).list_api_keys(include_revoked=all_):
+    try:
+        keys = _catalog(db).list_api_keys(include_revoked=all_)
+    except FedObjError as exc:
+        raise _fail(exc) from exc
+    for k in keys:
         table.add_row(
             k.key_id,
             k.role,
@@ -529,18 +598,14 @@ def keys_revoke(
 
 # ---------------------------------------------------------------- edge: export, detect
 
-RegistryOpt = Annotated[
-    str | None, typer.Option(help="artifact store; default the outputs folder")
-]
 # CLI name -> artifact format; "server" measures instead of exporting one format.
 EXPORT_CHOICES = {"onnx": "onnx", "int8": "onnx-int8", "ort": "ort", "server": "server"}
 
 
 def _model_server(db: str | None, registry: str | None) -> ModelServer:
-    from fedobj.registry import ArtifactStore
     from fedobj.serving import ModelServer
 
-    return ModelServer(_catalog(db).aio, ArtifactStore(registry or _outputs_dir(None)))
+    return ModelServer(_catalog(db).aio, _store(registry))
 
 
 async def _version(server: ModelServer, version: str | None) -> VersionRecord:

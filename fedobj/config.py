@@ -17,6 +17,7 @@ from fedobj.data.partition import PARTITIONERS
 from fedobj.errors import ConfigError
 from fedobj.model.factory import MODEL_NAMES, NORMS
 from fedobj.model.growth import HEAD_ALIGNS, HEAD_INITS
+from fedobj.registry import resolve_registry_root
 from fedobj.train import DP_GRAD_SAMPLE_MODES, LOCAL_LOSSES, lr_for_round
 
 # "virtual-features": CCVR on the server each round (fedobj.calibration)
@@ -486,3 +487,10 @@ class RunConfig:
             return Path(self.outputs_dir)
         env = os.environ.get("FEDOBJ_OUTPUTS_DIR")
         return Path(env).resolve() if env else (Path.cwd() / "outputs").resolve()
+
+    def resolve_registry_uri(self, outputs_root: Path) -> str:
+        """The registry root: run-config ``registry-uri``, then FEDOBJ_REGISTRY_URI
+        (read from the SuperLink's environment, which the ServerApp inherits), then
+        ``outputs_root`` — :func:`fedobj.registry.resolve_registry_root`, the rule
+        the CLI and the admin API follow too."""
+        return resolve_registry_root(self.registry_uri, outputs_root)

@@ -36,7 +36,7 @@ import onnxruntime as ort
 from fedobj.catalog import Catalog, VersionRecord
 from fedobj.errors import FedObjError
 from fedobj.inference import Predictor, PredictorCache, measure_latency
-from fedobj.registry import ArtifactStore, sha256_hex
+from fedobj.registry import ArtifactStore, public_uri, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +187,21 @@ class ModelServer:
                 )
 
         result = await asyncio.to_thread(run_export)
+        if not self.store.holds(version.checkpoint_uri):
+            log.warning(
+                "version %s was trained into another registry (%s); its %s export "
+                "goes to this process's registry %s: give every process the same "
+                "registry setting (FEDOBJ_REGISTRY_URI) to keep them together",
+                version.name,
+                public_uri(version.checkpoint_uri),
+                fmt,
+                self.store.public_root,
+            )
         stored = await asyncio.to_thread(
             self.store.put_bytes,
             f"versions/{version.name}/{ARTIFACT_NAMES[fmt]}",
             result.data,
+            what=f"{fmt} export",
         )
         extra: dict[str, Any] = {"parity": _parity_dict(result.parity)}
         if len(result.steps) > 1:

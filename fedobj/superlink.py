@@ -27,6 +27,7 @@ from fedobj.appstage import stage_app
 
 DEFAULT_HTTP_PORT = 39191
 DEFAULT_CONTROL_PORT = 39193
+MARKER_ENV = "FEDOBJ_SUPERLINK"
 
 
 @dataclass
@@ -46,6 +47,13 @@ class LocalSuperLink:
     def log_file(self) -> Path:
         return self.flwr_home / f"superlink-{self.http_port}.log"
 
+    @property
+    def marker(self) -> str:
+        """Set in the environment of everything this SuperLink starts, which every
+        child inherits — Ray's agents too, whose parent may die before them — so
+        :meth:`stop` finds them even when they are no longer in its tree."""
+        return f"{self.flwr_home.resolve()}:{self.http_port}"
+
     def cli_env(self) -> dict[str, str]:
         """Environment for ``flwr run`` so that it finds this SuperLink by port."""
         env = dict(os.environ)
@@ -60,6 +68,7 @@ class LocalSuperLink:
                 "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                 "FLWR_DISABLE_UPDATE_CHECK": "1",
+                MARKER_ENV: self.marker,
             }
         )
         return env
@@ -160,23 +169,30 @@ class LocalSuperLink:
         )
 
     def stop(self, grace_s: float = 10.0) -> bool:
-        """End the SuperLink and every process it started; True if one was running.
+        """End the SuperLink and every process it started; True if any was running.
 
         Flower starts SuperExec, the ServerApp and the simulation in sessions of their
         own, so a process-group signal would miss them: the whole process tree is
         collected first (Ray's workers are re-parented once their parent dies), the
-        SuperLink is asked to shut down, and whatever remains is terminated.
+        SuperLink is asked to shut down, and whatever remains is terminated. After a
+        crash (the simulation killed, the SuperLink gone) Ray's agents are in no
+        tree of ours: they are found by the environment marker they inherited.
         """
         pid = self._read_pid()
         self.pid_file.unlink(missing_ok=True)
-        if pid is None or not _alive(pid):
+        me = os.getpid()
+        tree = {p for p in marked_processes(self.marker) if p != me}
+        if pid is not None and _alive(pid):
+            tree |= {pid} | descendants(pid)
+            _signal_all({pid}, signal.SIGTERM)
+            _wait_gone({pid}, grace_s)
+        if not tree:
             return False
-        tree = {pid} | descendants(pid)
-        _signal_all({pid}, signal.SIGTERM)
-        _wait_gone({pid}, grace_s)
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
             for p in list(tree):
                 tree |= descendants(p)
+            tree |= {p for p in marked_processes(self.marker) if p != me}
+            tree.discard(me)
             alive = {p for p in tree if _alive(p)}
             if not alive:
                 break
@@ -189,6 +205,20 @@ class LocalSuperLink:
             return int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
+
+
+def marked_processes(marker: str) -> set[int]:
+    """Live processes whose environment carries ``MARKER_ENV=marker``."""
+    needle = f"{MARKER_ENV}={marker}".encode() + b"\0"
+    found = set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            data = environ.read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if needle in data + b"\0" and _alive(int(environ.parent.name)):
+            found.add(int(environ.parent.name))
+    return found
 
 
 def _alive(pid: int) -> bool:

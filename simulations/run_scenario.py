@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from fedobj.catalog import SyncCatalog
 from fedobj.data.categories import FASHION_MNIST_NAMES
+from fedobj.launch import RunWatch
 from fedobj.monitor import TreeRss, parse_round_line
 from fedobj.superlink import LocalSuperLink
 
@@ -127,10 +128,13 @@ def run(
             text=True,
         )
         tail: list[str] = []
+        watch = RunWatch()
+        outcome = None
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 tail = (tail + [line])[-40:]
+                watch.feed(line)
                 parsed = parse_round_line(line)
                 if parsed is None:
                     continue
@@ -156,17 +160,18 @@ def run(
                     json.dumps({"scenario": scenario.name, **asdict(row)}), flush=True
                 )
             proc.wait(timeout=120)
+            # flwr run --stream exits 0 for a failed run: ask the SuperLink
+            outcome = watch.outcome(link.cli_env(), exit_code=proc.returncode)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             rss.stopped = True
             link.stop()
-        if not rows or proc.returncode != 0:
+        if outcome is None or not outcome.completed or not rows:
             sys.stderr.write("".join(tail))
-            raise SystemExit(
-                f"scenario {scenario.name} failed (exit {proc.returncode})"
-            )
+            why = outcome.describe() if outcome else f"exit {proc.returncode}"
+            raise SystemExit(f"scenario {scenario.name} failed: {why}")
     summary = summarise(scenario, nodes, rows, rss.peak_kib / 1024)
     write(out, scenario.name, rows, summary)
     return rows, summary

@@ -10,6 +10,7 @@ from litestar.enums import RequestEncodingType
 from litestar.params import Body
 from litestar.response import Redirect, Template
 
+from admin_api.auth import touch
 from admin_api.console.auth import CsrfError
 from admin_api.console.render import page
 from admin_api.console.session import COOKIE, SessionCodec, same_origin
@@ -76,7 +77,7 @@ async def login(
             notice=None,
             error="That key is not valid (mistyped, revoked or from another server).",
         )
-    await state.catalog.touch_api_key(record.key_id)
+    await touch(state.catalog, record.key_id)
     codec: SessionCodec = state.session_codec
     cookie, _ = codec.issue(record.key_id)
     response = Redirect(_safe_next(data.next, record.role), status_code=303)

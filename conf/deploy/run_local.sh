@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A whole TLS deployment with authenticated SuperNodes on 127.0.0.1, then one run.
 #
-#   conf/deploy/run_local.sh [extra `flwr run` arguments]
+#   conf/deploy/run_local.sh
 #
 # 1. keys:   `fedobj deploy keys` -> CA, SuperLink certificate, SuperNode key pairs
 # 2. link:   flower-superlink with TLS and --enable-supernode-auth
@@ -201,11 +201,19 @@ for ((i = 1; i <= NODES; i++)); do
 done
 
 # ------------------------------------------------------------------ 6. run
-log "flwr run $ROOT $CONNECTION --stream --run-config '$RUN_CONFIG'"
+log "fedobj run --app $ROOT --connection $CONNECTION --run-config '$RUN_CONFIG'"
+# `fedobj run` is `flwr run --stream` that exits 1 (with the run's error in one
+# line) when the run did not complete: `flwr run` itself returns 0 either way.
 # In the background + `wait`: a TERM or INT sent to this script then runs the
 # cleanup at once instead of after the run (bash defers traps during a foreground
 # command).
-flwr run "$ROOT" "$CONNECTION" --stream --run-config "$RUN_CONFIG" "$@" </dev/null &
+fedobj run --app "$ROOT" --connection "$CONNECTION" --run-config "$RUN_CONFIG" \
+  --outputs "$FEDOBJ_OUTPUTS_DIR" </dev/null &
 PIDS+=("$!")
-wait "$!"
+status=0
+wait "$!" || status=$?
+if [ "$status" -ne 0 ]; then
+  log "the run failed (exit $status); logs in $LOGS"
+  exit "$status"
+fi
 log "done; outputs in $FEDOBJ_OUTPUTS_DIR"

@@ -7,14 +7,18 @@ table to an engine through ``Table._meta.db``; rather than one global engine fro
 catalog's engine (:func:`bind_tables`), so several catalogs can coexist in one
 process (the test suite runs SQLite and PostgreSQL side by side).
 
-Both engines here open a connection per query or transaction and keep no pool:
-Piccolo's ``run_sync`` runs every synchronous call in a fresh event loop, and an
-asyncpg pool belongs to the loop that made it.
+Both engines (:mod:`fedobj.catalog.engines`) open a connection per query or
+transaction and close it on every path, errors included; only the admin API adds
+an asyncpg pool, in its one long-lived loop. Piccolo's ``run_sync`` runs every
+synchronous call in a fresh event loop, and a pool belongs to the loop that made it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,7 +35,12 @@ from piccolo.engine.sqlite import SQLiteEngine, SQLiteTransaction, TransactionTy
 from piccolo.table import Table, create_table_class
 
 from fedobj.catalog import tables
-from fedobj.catalog.errors import CatalogValueError, DatabaseUnavailableError
+from fedobj.catalog.engines import CatalogPostgresEngine, CatalogSQLiteEngine
+from fedobj.catalog.errors import (
+    CatalogValueError,
+    DatabaseUnavailableError,
+    DatabaseWriteError,
+)
 from fedobj.errors import ConfigError
 
 ENV_URL = "FEDOBJ_DATABASE_URL"
@@ -129,33 +138,11 @@ def _redact(parts: SplitResult) -> str:
     return urlunsplit(("postgresql", netloc, parts.path, "", ""))
 
 
-class _QuietSQLiteEngine(SQLiteEngine):
-    """SQLite engine with a busy timeout and no start-up version probe."""
-
-    async def check_version(self) -> None:
-        """Skip Piccolo's probe: it only warns, and we check in ``ping``."""
-
-
-class _QuietPostgresEngine(PostgresEngine):
-    """asyncpg engine that does not connect when it is constructed.
-
-    Piccolo's ``Engine.__init__`` connects to read the server version and merely
-    prints a warning when that fails; we want construction to be free and the
-    first real query to raise :class:`DatabaseUnavailableError` instead.
-    """
-
-    async def check_version(self) -> None:
-        """Skip the probe (see the class docstring)."""
-
-    async def prep_database(self) -> None:
-        """No extensions needed: ``gen_random_uuid()`` is built in since PG 13."""
-
-
 def make_engine(spec: DatabaseSpec) -> Engine[Any]:
     """Build a Piccolo engine for ``spec`` without touching the database."""
     if spec.kind == "sqlite":
-        return _QuietSQLiteEngine(path=spec.target, timeout=SQLITE_BUSY_TIMEOUT_S)
-    return _QuietPostgresEngine(
+        return CatalogSQLiteEngine(path=spec.target, timeout=SQLITE_BUSY_TIMEOUT_S)
+    return CatalogPostgresEngine(
         config={"dsn": spec.target, "timeout": PG_CONNECT_TIMEOUT_S}
     )
 
@@ -200,6 +187,8 @@ async def write_transaction(engine: Engine[Any]) -> AsyncIterator[None]:
     "database is locked" when another process wrote in between, without waiting
     for the busy timeout; ``BEGIN IMMEDIATE`` waits instead. PostgreSQL's default
     read-committed transaction plus explicit row/table locks serves the same end.
+    The engines' transactions roll back and close their connection whatever
+    fails, ``BEGIN`` and ``COMMIT`` included (see :mod:`fedobj.catalog.engines`).
     """
     tx: SQLiteTransaction | PostgresTransaction
     if isinstance(engine, SQLiteEngine):
@@ -220,7 +209,32 @@ _PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InvalidAuthorizationSpecificationError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,  # pg_terminate_backend, fast shutdown
+    asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.InterfaceError,
+)
+
+_PG_WRITE_REFUSED: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.InsufficientResourcesError,  # 53xxx: disk full, out of memory
+    asyncpg.exceptions.PostgresIOError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # a standby, or read-only mode
+)
+
+_SQLITE_WRITE_REFUSED = (
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_READONLY,
+)
+"""Primary SQLite result codes for "the storage refused": disk full, an I/O error
+(on a full disk, creating the ``-shm`` file fails this way), a read-only file."""
+
+_SQLITE_WRITE_TEXT = ("disk is full", "disk I/O error", "readonly database")
+"""The same, for an error that lost its code on the way (re-raised elsewhere)."""
+
+_SQLITE_UNREACHABLE = (
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
 )
 
 
@@ -239,24 +253,37 @@ def unavailable_error(
     Connection refused, unknown host, timeouts, a missing database or role, a
     SQLite file that cannot be opened or stays locked, and tables that do not
     exist yet (a database nobody migrated) all mean "the catalog is not there";
-    every other error is a bug or a constraint and is left alone.
+    a full disk, an I/O error or a read-only database mean "it cannot store
+    anything now" (:class:`DatabaseWriteError`). Every other error is a bug or a
+    constraint and is left alone.
     """
     where = f"catalog database {spec.display} ({spec.kind})"
-    if isinstance(exc, sqlite3.OperationalError):
-        text = str(exc)
+    if isinstance(exc, sqlite3.Error):
+        text = _one_line(exc)
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+        if code in _SQLITE_WRITE_REFUSED or any(m in text for m in _SQLITE_WRITE_TEXT):
+            return _write_error(spec, text)
+        if not isinstance(exc, sqlite3.OperationalError):
+            return None
         if text.startswith("no such table"):
             return DatabaseUnavailableError(
                 f"{where} has no catalog schema ({text}); run migrate() first"
             )
-        if "unable to open" in text or "locked" in text or "disk I/O" in text:
+        if code in _SQLITE_UNREACHABLE or "unable to open" in text or "locked" in text:
             return DatabaseUnavailableError(f"cannot use {where}: {text}")
         return None
     if isinstance(exc, asyncpg.exceptions.UndefinedTableError):
         return DatabaseUnavailableError(
             f"{where} has no catalog schema ({exc}); run migrate() first"
         )
+    if isinstance(exc, _PG_WRITE_REFUSED) and not isinstance(
+        exc, asyncpg.exceptions.TooManyConnectionsError
+    ):
+        return _write_error(spec, _one_line(exc))
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS):
+        return _write_error(spec, _one_line(exc))
     if isinstance(exc, (*_PG_UNAVAILABLE, OSError)):
-        reason = str(exc) or type(exc).__name__
+        reason = _one_line(exc)
         hint = (
             f"; is the server running, and is {ENV_URL} right?"
             if spec.kind == "postgres"
@@ -264,6 +291,39 @@ def unavailable_error(
         )
         return DatabaseUnavailableError(f"cannot reach {where}: {reason}{hint}")
     return None
+
+
+def _write_error(spec: DatabaseSpec, reason: str) -> DatabaseWriteError:
+    """One line naming the database, the cause and, for a file, the free space.
+
+    Nothing was written (the transaction rolled back), so the operator's next
+    step is to make room or fix the storage and retry; the free space tells them
+    whether that is the problem.
+    """
+    room = ""
+    if spec.kind == "sqlite":
+        folder = Path(spec.target).parent
+        with contextlib.suppress(OSError):  # the folder may be gone as well
+            room = f" ({_size(shutil.disk_usage(folder).free)} free in {folder})"
+    return DatabaseWriteError(
+        f"cannot write to catalog database {spec.display} ({spec.kind}): "
+        f"{reason}{room}; nothing was written"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's text on one line (a CLI line, a problem ``detail``)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _size(n: int) -> str:
+    """Bytes as people read them: ``0 B``, ``512.0 KiB``, ``3.2 GiB``."""
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def unstorable_value_error(exc: BaseException) -> CatalogValueError | None:

@@ -61,3 +61,14 @@ class DatabaseUnavailableError(CatalogError, ConnectionError):
 
     The message names the database (password redacted) and what to do next.
     """
+
+
+class DatabaseWriteError(DatabaseUnavailableError):
+    """The database refused to store anything: disk full, I/O error, read-only.
+
+    A kind of :class:`DatabaseUnavailableError` (HTTP 503, one CLI line) because
+    the cure is the same (an operator frees space or fixes the storage, then
+    retries) and nothing was written: the transaction was rolled back and its
+    connection closed. The message names the database, the cause and, for a
+    SQLite file, the free space left beside it.
+    """

@@ -32,6 +32,10 @@ def _record(row: dict[str, Any] | None) -> LeaseRecord:
     )
 
 
+LOST_LEASE = "run lost its lease"
+"""The reason a run's row carries when another run took its lease over."""
+
+
 class LeaseOps(CatalogBase):
     """Run-lease operations of :class:`fedobj.catalog.Catalog`."""
 
@@ -68,8 +72,12 @@ class LeaseOps(CatalogBase):
             )
         async with self._write():
             await t.insert(t(name=LEASE_NAME)).on_conflict(action="DO NOTHING")
+            before = await t.select(t.holder).where(t.name == LEASE_NAME).first()
             rows = await t.update(values).where(where).returning(*t._meta.columns)
             if rows:
+                previous = before["holder"] if before else None
+                if previous is not None and previous != str(run_id):
+                    await self._close_lost_run(previous, now)
                 return _record(rows[0])
             held = await t.select().where(t.name == LEASE_NAME).first()
         holder = _record(held)
@@ -78,8 +86,21 @@ class LeaseOps(CatalogBase):
             until = f"{holder.expires_at:%Y-%m-%d %H:%M:%S} UTC"
         raise LeaseHeldError(
             f"run {holder.holder!r} holds the catalog lease until {until}; wait for "
-            "it to finish or expire, or take it over with force=True if it is dead"
+            "it to finish or for its lease to expire"
         )
+
+    async def _close_lost_run(self, run_id: str, now: Any) -> None:
+        """The run whose lease was taken over is dead (expired) or being
+        overridden: its open round will never finish, so it is closed as
+        failed, and its run row says why — not ``in_progress`` forever."""
+        r = self.tables.TrainingRound
+        await r.update({r.status: "failed", r.completed_at: now}).where(
+            (r.run_id == run_id) & (r.status == "in_progress")
+        )
+        run = self.tables.Run
+        await run.update(
+            {run.status: "failed", run.error: LOST_LEASE, run.finished_at: now}
+        ).where((run.run_id == run_id) & (run.status == "running"))
 
     @guarded
     async def renew_lease(self, run_id: str, ttl_s: float) -> LeaseRecord:

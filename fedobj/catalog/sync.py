@@ -323,6 +323,10 @@ class SyncCatalog:
         """See :meth:`Catalog.end_run`."""
         return _run(self.aio.end_run(run_id, status, error))
 
+    def list_run_records(self, limit: int = 100) -> list[RunRecord]:
+        """See :meth:`Catalog.list_run_records`."""
+        return _run(self.aio.list_run_records(limit))
+
     def get_run(self, run_id: str) -> RunRecord:
         """See :meth:`Catalog.get_run`."""
         return _run(self.aio.get_run(run_id))

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedobj.launch import RunWatch
 from fedobj.monitor import TreeRss, parse_round_line
 from fedobj.superlink import LocalSuperLink
 
@@ -64,9 +65,11 @@ def main() -> None:
             text=True,
         )
         reached, last_round, round_secs = None, 0, []
+        watch, failure = RunWatch(), None
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
+                watch.feed(line)
                 parsed = parse_round_line(line)
                 if parsed is None:
                     continue
@@ -90,12 +93,19 @@ def main() -> None:
                 if acc >= args.target:
                     reached = r
                     break
+            if reached is None:  # the run ended by itself: did it complete?
+                proc.wait()
+                outcome = watch.outcome(link.cli_env(), exit_code=proc.returncode)
+                failure = None if outcome.completed else outcome.describe()
         finally:
             wall = time.time() - t0
             proc.kill()
             proc.wait()
             rss.stopped = True
             link.stop()
+        if failure is not None:
+            print(json.dumps({"error": failure}), flush=True)
+            raise SystemExit(1)
         if last_round == 0:
             print(
                 json.dumps(

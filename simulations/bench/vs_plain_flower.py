@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from fedobj.launch import RunWatch
 from fedobj.monitor import TreeRss
 from fedobj.superlink import LocalSuperLink
 
@@ -181,13 +182,19 @@ def run_app(
             text=True,
         )
         tail: list[str] = []
+        watch = RunWatch()
         if log_dir is None:
-            _follow(proc, res, t0, target, stop_after, tail)
+            _follow(proc, res, t0, target, stop_after, tail, watch)
         else:
             log_dir.mkdir(parents=True, exist_ok=True)
             with open(log_dir / f"{spec.name}.log", "w") as log:
-                _follow(proc, res, t0, target, stop_after, tail, log)
-        if not res.rounds:
+                _follow(proc, res, t0, target, stop_after, tail, watch, log)
+        if watch.ended:
+            # the stream ended by itself: flwr run says 0 either way, ask the SuperLink
+            outcome = watch.outcome(env, exit_code=proc.wait())
+            if not outcome.completed:
+                res.error = outcome.describe()
+        if not res.rounds and res.error is None:
             res.error = "no round line parsed; last output:\n" + "".join(tail[-15:])
     finally:
         res.wall_s = time.time() - t0
@@ -210,6 +217,7 @@ def _follow(
     target: float,
     stop_after: int | None,
     tail: list[str],
+    watch: RunWatch,
     log: TextIO | None = None,
 ) -> None:
     """Parse the stream line by line, timing Flower's phase lines on arrival."""
@@ -217,6 +225,7 @@ def _follow(
     marks: dict[str, float] = {}
     last_round_at: float | None = None
     for line in proc.stdout:
+        watch.feed(line)
         now = time.time()
         if log is not None:
             log.write(f"{now - t0:9.2f} {line}")
@@ -267,6 +276,7 @@ def _follow(
             return
         if stop_after is not None and r >= stop_after:
             return
+    watch.ended = True  # the stream closed: the run ended by itself
 
 
 def _add_node_seconds(res: AppResult, outputs: Path) -> None:

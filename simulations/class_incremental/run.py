@@ -42,6 +42,7 @@ from fedobj.catalog import SyncCatalog
 from fedobj.data.categories import FASHION_MNIST_NAMES, FASHION_MNIST_SLUGS
 from fedobj.data.fashion_mnist import ImageArrays
 from fedobj.data.node_data import load_test_set
+from fedobj.launch import RunWatch
 from fedobj.model import Checkpoint, load_checkpoint
 from fedobj.superlink import LocalSuperLink
 from fedobj.train import evaluate, map_to_class_map
@@ -177,14 +178,19 @@ def run_variant(
                 for name in FASHION_MNIST_NAMES[OLD:]:
                     catalog.add_category(name)
                 grown = True
+        # flwr run --stream exits 0 for a failed run: ask the SuperLink
+        watch = RunWatch()
+        for line in run_log.read_text(errors="replace").splitlines():
+            watch.feed(line)
+        outcome = watch.outcome(link.cli_env(), exit_code=proc.returncode)
     finally:
         if proc.poll() is None:
             proc.kill()
         link.stop()
-    if proc.returncode != 0:
+    if not outcome.completed:
         tail = run_log.read_text(errors="replace").splitlines()[-30:]
         raise RuntimeError(
-            f"{setting}/{variant}: flwr run exited {proc.returncode}; the last lines "
+            f"{setting}/{variant}: {outcome.describe()}; the last lines "
             f"of {run_log}:\n" + "\n".join(tail)
         )
     rows = []

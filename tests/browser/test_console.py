@@ -67,6 +67,7 @@ def test_add_category_shows_in_the_list_and_refusals_next_to_the_field(
     page: Page, console: Console
 ) -> None:
     sign_in(page, console)
+    page.on("dialog", lambda d: d.accept())  # "Add this category?"
     page.goto(console.url + "/catalog")
     name = f"Umbrella {time.time_ns() % 10**6}"
     page.get_by_label("Name", exact=True).fill(name)
@@ -258,3 +259,15 @@ def test_the_overview_follows_rounds_without_a_reload(
     shot(page, "console-overview-live")
     catalog.end_run(run_id, "failed", "RuntimeError: node lost")
     expect(page.locator("#overview-panel")).to_contain_text("node lost", timeout=2000)
+
+
+def test_edit_asks_first_and_keeps_the_folder(page: Page, console: Console) -> None:
+    made = console.catalog.add_category(f"Beanie {time.time_ns() % 10**6}")
+    sign_in(page, console)
+    page.goto(console.url + f"/catalog?q={made.slug}")
+    page.get_by_role("link", name=f"Edit {made.name}").click()
+    page.get_by_label("Name").fill(made.name + " hat")
+    page.once("dialog", lambda d: d.accept())
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator(f'tr[data-slug="{made.slug}"]')).to_contain_text(" hat")
+    assert console.catalog.get_category(made.slug).name == made.name + " hat"

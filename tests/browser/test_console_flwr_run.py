@@ -27,7 +27,7 @@ def test_category_added_in_the_console_grows_the_head_live(
     link, _ = superlink
     db = tmp_path / "catalog.db"
     proc = start_run(
-        link, db, f'num-server-rounds=4 initial-categories=6 outputs-dir="{tmp_path}"'
+        link, db, f'num-server-rounds=6 initial-categories=6 outputs-dir="{tmp_path}"'
     )
     catalog = SyncCatalog(db)
     wait_for_round(catalog, 1, proc)
@@ -37,9 +37,10 @@ def test_category_added_in_the_console_grows_the_head_live(
         watcher = browser.new_page(viewport={"width": 1280, "height": 900})
         sign_in(watcher, console)
         expect(watcher.locator("#live-label")).to_have_text("live")
-        expect(watcher.locator("#round-progress")).to_contain_text("of 4")
+        expect(watcher.locator("#round-progress")).to_contain_text("of 6")
 
         admin = browser.new_page()
+        admin.on("dialog", lambda d: d.accept())  # "Add this category?"
         sign_in(admin, console)
         admin.goto(console.url + "/catalog")
         admin.get_by_label("Name", exact=True).fill("Bag")

@@ -151,3 +151,37 @@ def test_lease_with_real_clock(catalog: SyncCatalog) -> None:
     catalog.acquire_lease("run-a", ttl_s=0.05)
     time.sleep(0.1)
     assert catalog.acquire_lease("run-b", ttl_s=60).holder == "run-b"
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_taking_over_a_dead_runs_lease_closes_its_open_round(
+    clocked: tuple[SyncCatalog, FakeClock], force: bool
+) -> None:
+    catalog, clock = clocked
+    catalog.acquire_lease("run-a", ttl_s=30)
+    catalog.begin_run(
+        "run-a", strategy="fedavg", model="cnn", first_round=1, last_round=5
+    )
+    catalog.start_round("run-a", 1, 3)
+    catalog.finish_round("run-a", 1, replied=3, rejected=0)
+    catalog.start_round("run-a", 2, 3)  # the process dies here
+    if not force:
+        clock.advance(31)  # its lease expires
+    catalog.acquire_lease("run-b", ttl_s=30, force=force)
+    statuses = [(r.round, r.status) for r in catalog.rounds("run-a")]
+    assert statuses == [(1, "completed"), (2, "failed")]
+    lost = catalog.get_run("run-a")
+    assert lost.status == "failed" and lost.error == "run lost its lease"
+
+
+def test_a_refused_lease_names_what_to_wait_for(
+    clocked: tuple[SyncCatalog, FakeClock],
+) -> None:
+    from apps.run_lease import held_lease
+
+    catalog, _ = clocked
+    catalog.acquire_lease("run-a", ttl_s=60)
+    with pytest.raises(LeaseHeldError, match="allow-concurrent-runs=true"):  # noqa: SIM117
+        with held_lease(catalog, "run-b", 60):
+            pass
+    assert catalog.rounds("run-a") == []  # a refusal closes nothing
