@@ -9,7 +9,7 @@ browser, and the pages and the live fragments cannot disagree.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -146,23 +146,31 @@ def _num_classes(v: VersionBrief | VersionRecord) -> int:
     return v.class_map.num_classes
 
 
+def federated_by_round(
+    results: list[NodeRoundRecord],
+) -> dict[int, tuple[float | None, float | None]]:
+    """:func:`federated` per round (the catalog's ``federated_by_round`` sums
+    the same in SQL)."""
+    per_round: dict[int, list[NodeRoundRecord]] = {}
+    for n in results:
+        per_round.setdefault(n.round, []).append(n)
+    return {r: federated(ns) for r, ns in per_round.items()}
+
+
 def build_series(
     rounds: list[RoundRecord],
-    node_rounds: list[NodeRoundRecord],
+    fed: Mapping[int, tuple[float | None, float | None]],
     feed: list[FeedLine],
 ) -> dict[str, list[Any]]:
     """Per-round columns for the chart (uPlot's column layout), ``None`` gaps."""
-    per_round: dict[int, list[NodeRoundRecord]] = {}
-    for n in node_rounds:
-        per_round.setdefault(n.round, []).append(n)
     done = [r for r in rounds if r.status == "completed"]
-    fed = [federated(per_round.get(r.round, [])) for r in done]
+    pairs = [fed.get(r.round, (None, None)) for r in done]
     return {
         "round": [r.round for r in done],
         "central_accuracy": [r.central_accuracy for r in done],
         "central_loss": [r.central_loss for r in done],
-        "federated_accuracy": [f[0] for f in fed],
-        "federated_loss": [f[1] for f in fed],
+        "federated_accuracy": [p[0] for p in pairs],
+        "federated_loss": [p[1] for p in pairs],
         "grew_at": sorted(line.round for line in feed if line.grew),
     }
 
@@ -200,9 +208,9 @@ async def overview(catalog: Catalog, now: datetime | None = None) -> Overview:
     if run is None:
         return Overview(None, [], [], current, None, None, None, None, None)
     rounds = await catalog.rounds(run.run_id)
-    node_rounds = await catalog.node_rounds(run.run_id)
+    rejected = await catalog.node_rounds(run.run_id, errors_only=True)
     versions = await catalog.list_version_briefs(run_id=run.run_id, limit=RUN_VERSIONS)
-    feed = build_feed(rounds, node_rounds, versions)
+    feed = build_feed(rounds, rejected, versions)
     latest = rounds[-1] if rounds else None
     end = run.finished_at or now
     elapsed = max((end - run.started_at).total_seconds(), 0.0)
@@ -224,7 +232,7 @@ async def overview(catalog: Catalog, now: datetime | None = None) -> Overview:
         elapsed_s=elapsed,
         eta_s=eta,
         latest=latest,
-        series=build_series(rounds, node_rounds, feed),
+        series=build_series(rounds, await catalog.federated_by_round(run.run_id), feed),
     )
 
 

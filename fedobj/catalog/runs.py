@@ -334,15 +334,44 @@ class RunOps(CatalogBase):
 
     @guarded
     async def node_rounds(
-        self, run_id: str, round: int | None = None
+        self, run_id: str, round: int | None = None, *, errors_only: bool = False
     ) -> list[NodeRoundRecord]:
-        """Per-node replies of a run (one round, or all), in insertion order."""
+        """Per-node replies of a run (one round, or all), in insertion order;
+        ``errors_only``: only the replies that failed or were rejected."""
         t = self.tables.NodeRound
         query = t.select().where(t.run_id == str(run_id))
         query = query.order_by(t._meta.primary_key)
         if round is not None:
             query = query.where(t.round == int(round))
+        if errors_only:
+            query = query.where(t.error.is_not_null())
         return [node_round_from_row(r) for r in await query]
+
+    @guarded
+    async def federated_by_round(
+        self, run_id: str
+    ) -> dict[int, tuple[float | None, float | None]]:
+        """Per round, the example-weighted accuracy and loss of the nodes' own
+        evaluations (errors left out), summed in the database: a long run's
+        overview need not load every node's row."""
+        rows = await self.tables.NodeRound.raw(
+            "SELECT round, SUM(num_examples) AS n,"
+            " SUM(accuracy * num_examples) AS acc, COUNT(accuracy) AS acc_rows,"
+            " SUM(loss * num_examples) AS loss, COUNT(loss) AS loss_rows"
+            " FROM node_round WHERE run_id = {} AND kind = 'evaluate'"
+            " AND error IS NULL GROUP BY round",
+            str(run_id),
+        )
+        out: dict[int, tuple[float | None, float | None]] = {}
+        for r in rows:
+            n = float(r["n"] or 0)
+            if n <= 0:
+                out[int(r["round"])] = (None, None)
+                continue
+            acc = float(r["acc"]) / n if r["acc_rows"] else None
+            loss = float(r["loss"]) / n if r["loss_rows"] else None
+            out[int(r["round"])] = (acc, loss)
+        return out
 
     @guarded
     async def forget_node(self, node_id: str | int, *, actor: str | None = None) -> int:

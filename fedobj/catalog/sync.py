@@ -393,10 +393,10 @@ class SyncCatalog:
         )
 
     def node_rounds(
-        self, run_id: str, round: int | None = None
+        self, run_id: str, round: int | None = None, *, errors_only: bool = False
     ) -> list[NodeRoundRecord]:
         """See :meth:`Catalog.node_rounds`."""
-        return _run(self.aio.node_rounds(run_id, round))
+        return _run(self.aio.node_rounds(run_id, round, errors_only=errors_only))
 
     def forget_node(self, node_id: str | int, *, actor: str | None = None) -> int:
         """See :meth:`Catalog.forget_node`."""

@@ -20,6 +20,7 @@ from admin_api.console.views import (
     confusion,
     duration,
     federated,
+    federated_by_round,
     overview,
     short_reason,
 )
@@ -252,7 +253,7 @@ def test_series_columns_hold_completed_rounds_with_gaps_as_none() -> None:
         _version(3, 4, _classes(11)),
     ]
     feed = build_feed(rounds, nodes, versions)
-    series = build_series(rounds, nodes, feed)
+    series = build_series(rounds, federated_by_round(nodes), feed)
     assert set(series) == {
         "round",
         "central_accuracy",
@@ -390,3 +391,39 @@ def test_overview_of_a_run_recorded_without_a_run_row(tmp_path: Path) -> None:
     # ended when its last round did, not at ``now``; nothing left to wait for
     assert view.elapsed_s == pytest.approx(30.0)
     assert view.eta_s is None
+
+
+def test_the_databases_federated_sums_match_the_python_ones(catalog_url: str) -> None:
+    from fedobj.catalog import SyncCatalog
+
+    catalog = SyncCatalog(catalog_url)
+    rows = [
+        (1, "a", "evaluate", 30, 0.6, 0.9, None),
+        (1, "b", "evaluate", 10, 1.0, 0.1, None),
+        (1, "c", "evaluate", 50, 0.0, 5.0, "node data unusable"),
+        (1, "a", "train", 100, 0.9, 0.2, None),
+        (2, "a", "evaluate", 4, None, 0.5, None),
+        (3, "a", "evaluate", 0, 1.0, 1.0, None),
+    ]
+    for rnd, node, kind, n, acc, loss, error in rows:
+        catalog.record_node_round(
+            "fed-run",
+            rnd,
+            node,
+            kind,
+            num_examples=n,
+            accuracy=acc,
+            loss=loss,
+            error=error,
+        )
+    in_python = federated_by_round(catalog.node_rounds("fed-run"))
+    in_sql = asyncio.run(catalog.aio.federated_by_round("fed-run"))
+    assert in_sql.keys() == {1, 2, 3}
+    for r, (acc, loss) in in_python.items():
+        got = in_sql[r]
+        assert got[0] == pytest.approx(acc) if acc is not None else got[0] is None
+        assert got[1] == pytest.approx(loss) if loss is not None else got[1] is None
+    assert in_sql[1][0] == pytest.approx(0.7)  # (30*0.6 + 10*1.0) / 40
+    assert [n.node_id for n in catalog.node_rounds("fed-run", errors_only=True)] == [
+        "c"
+    ]
