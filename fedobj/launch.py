@@ -27,9 +27,12 @@ STARTED = re.compile(r"Successfully started run (\d+)")
 OUR_ERROR = re.compile(r"^\s*ERROR fedobj[\w.]*:\s*(.+)$")
 FLOWER_ERROR = re.compile(r"^\s*ERROR\s*:\s*(.+)$")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-STATUS_WAIT_S = 60.0
+STATUS_WAIT_S = 90.0
 """How long the SuperLink may take to mark a run finished after ``flwr run``
-returns (it notices a dead ServerApp by its missing heartbeat)."""
+returns: it notices a dead ServerApp by its missing heartbeat, up to 60 s
+(``HEARTBEAT_PATIENCE`` 2 x ``HEARTBEAT_DEFAULT_INTERVAL`` 30 s) after the last
+one, which may fall just before ``flwr run`` lost its stream; 30 s more for
+polling and a SuperLink restart."""
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,13 @@ def run_status(
             cmd, env=dict(env), capture_output=True, text=True, timeout=60
         )
         try:
-            runs = json.loads(done.stdout).get("runs", [])
+            answer = json.loads(done.stdout)
         except json.JSONDecodeError:
-            runs = []
+            answer = {}
+        runs = answer.get("runs", [])
+        if answer.get("success") is False:  # e.g. the SuperLink is unreachable
+            error = str(answer.get("error-message") or "").strip().splitlines()
+            details = f"flwr ls failed: {error[-1] if error else 'no answer'}"
         if runs:
             status = str(runs[0].get("status", "unknown"))
             details = str(runs[0].get("status-details") or "")

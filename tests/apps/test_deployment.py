@@ -120,6 +120,9 @@ def _stop_all(procs: list[subprocess.Popen[bytes]]) -> list[int]:
     for pid in tree:
         if _alive(pid):
             os.kill(pid, 9)
+    deadline = time.monotonic() + 5  # SIGKILL is not instant: wait for the exits
+    while time.monotonic() < deadline and any(_alive(p) for p in tree):
+        time.sleep(0.1)
     return sorted(p for p in tree if _alive(p))
 
 
