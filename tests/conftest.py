@@ -47,3 +47,11 @@ def write_image_folder(
             ext = "png" if j % 2 == 0 else "jpg"
             img.save(folder / f"{i}.{ext}")
     return root
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Browser tests last: Playwright's sync API keeps an event loop running in
+    the main thread until the session ends, and every later ``asyncio.run`` (the
+    CLI in-process, the catalog's async tests) would fail on it."""
+    browser = ROOT / "tests" / "browser"
+    items.sort(key=lambda item: Path(str(item.fspath)).is_relative_to(browser))
