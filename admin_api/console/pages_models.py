@@ -3,7 +3,6 @@ roll back, download — each action the API's own catalog call."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -18,6 +17,7 @@ from admin_api.console.auth import is_htmx, require
 from admin_api.console.render import page
 from admin_api.console.views import class_rows, confusion
 from admin_api.routes.common import CatalogDep, ServerDep, actor_of
+from admin_api.routes.versions import download_stream
 from fedobj.catalog import Catalog, CatalogValueError, ConflictError
 from fedobj.serving import DOWNLOAD_FORMATS
 
@@ -244,11 +244,6 @@ async def rollback(
     return Redirect(f"/versions/{moved.name}", status_code=303)
 
 
-def _chunks(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
-    for start in range(0, len(data), size):
-        yield data[start : start + size]
-
-
 @get("/versions/{name:str}/download/{fmt:str}")
 async def download(
     request: Request[Any, Any, Any],
@@ -264,18 +259,7 @@ async def download(
             status_code=400, detail=f"unknown format {fmt!r}: {DOWNLOAD_FORMATS}"
         )
     version = await catalog.get_version(name)
-    art = await model_server.artifact(version, fmt)
-    return Stream(
-        _chunks(art.data),
-        media_type="application/octet-stream",
-        headers={
-            "X-Content-SHA256": art.sha256,
-            "Content-Length": str(len(art.data)),
-            "Content-Disposition": (
-                f'attachment; filename="{version.name}-{art.filename}"'
-            ),
-        },
-    )
+    return await download_stream(model_server, version, fmt)
 
 
 HANDLERS = [

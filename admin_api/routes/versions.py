@@ -14,7 +14,8 @@ from litestar.status_codes import HTTP_200_OK
 from admin_api.auth import READ, WRITE, allow
 from admin_api.routes.common import CatalogDep, Limit, Offset, ServerDep, actor_of
 from admin_api.schemas import VersionOut, version_out
-from fedobj.serving import NoModelError
+from fedobj.catalog import VersionRecord
+from fedobj.serving import ModelServer, NoModelError
 
 VersionId = Annotated[
     str, Parameter(description="version id (UUID) or name (v0007)", max_length=255)
@@ -27,9 +28,29 @@ MEDIA = {
 }
 
 
-def _chunks(data: bytes) -> Iterator[bytes]:
+def chunks(data: bytes) -> Iterator[bytes]:
+    """A download body in pieces (the API's and the console's downloads)."""
     for start in range(0, len(data), CHUNK):
         yield data[start : start + CHUNK]
+
+
+async def download_stream(
+    model_server: ModelServer, version: VersionRecord, fmt: str
+) -> Stream:
+    """A version's artifact as a download (exported on first request,
+    hash-verified, ``X-Content-SHA256``): the API's route and the console's."""
+    art = await model_server.artifact(version, fmt)
+    return Stream(
+        chunks(art.data),
+        media_type=MEDIA.get(fmt.split("-")[0], "application/octet-stream"),
+        headers={
+            "X-Content-SHA256": art.sha256,
+            "Content-Length": str(len(art.data)),
+            "Content-Disposition": (
+                f'attachment; filename="{version.name}-{art.filename}"'
+            ),
+        },
+    )
 
 
 class VersionController(Controller):
@@ -91,15 +112,4 @@ class VersionController(Controller):
         """The version's checkpoint, ONNX model or ORT-format mobile model (INT8;
         exported on first request), hash-verified, with ``X-Content-SHA256``."""
         version = await catalog.get_version(version_id)
-        art = await model_server.artifact(version, format)
-        return Stream(
-            _chunks(art.data),
-            media_type=MEDIA.get(format.split("-")[0], "application/octet-stream"),
-            headers={
-                "X-Content-SHA256": art.sha256,
-                "Content-Length": str(len(art.data)),
-                "Content-Disposition": (
-                    f'attachment; filename="{version.name}-{art.filename}"'
-                ),
-            },
-        )
+        return await download_stream(model_server, version, format)
