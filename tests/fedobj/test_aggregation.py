@@ -244,12 +244,12 @@ def test_fold_without_in_place_saxpy_equals_the_weighted_mean(  # type: ignore[n
     monkeypatch, blas: bool
 ) -> None:
     """Where scipy's saxpy does not add in place (or is missing), the fold takes
-    _axpy's checked path (BLAS with a copy-back, or numpy's two passes)."""
-    import fedobj.aggregation as aggregation
+    axpy's checked path (BLAS with a copy-back, or numpy's two passes)."""
+    from fedobj.aggregation import fold
 
-    monkeypatch.setattr(aggregation, "_SAXPY_IN_PLACE", False)
+    monkeypatch.setattr(fold, "SAXPY_IN_PLACE", False)
     if not blas:
-        monkeypatch.setattr(aggregation, "_saxpy", None)
+        monkeypatch.setattr(fold, "saxpy", None)
     ups = _mixed_updates(6, 8)
     mean = StreamingMean(MIXED_REF, chunk=1000, group=4)
     for arrays, w in ups:

@@ -1,185 +1,23 @@
-"""Aggregation maths, numpy only: update validation, PerfFedAvg weights, and a
-streaming weighted mean.
+"""A streaming weighted mean of updates, folded a few at a time.
 
-Flower's ``aggregate_arrayrecords`` checks no shapes (a size-1 dimension broadcasts
-silently; other mismatches crash the run) and holds every reply until the end. Here a
-reply is validated against the broadcast model (DESIGN.md contract 5: names and
-shapes as it arrives, values as it is folded), folded into running sums and
+Flower's ``aggregate_arrayrecords`` holds every reply until the end. Here a reply is
+validated (:mod:`fedobj.aggregation.validation`), folded into running sums and
 dropped, so memory does not grow with the number of nodes.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-_saxpy: Callable[..., np.ndarray] | None
-try:  # scipy's BLAS binding (a dependency): one fused pass per update and chunk
-    from scipy.linalg import blas as _blas
-
-    _saxpy = _blas.saxpy
-except ImportError:  # pragma: no cover - numpy's two passes instead
-    _saxpy = None
-
-
-def _saxpy_in_place() -> bool:
-    """Whether this scipy's ``saxpy`` adds into a contiguous float32 ``y`` in
-    place (f2py's intent(in,out)); the fold's fast loop relies on it."""
-    if _saxpy is None:  # pragma: no cover - no scipy
-        return False
-    y = np.zeros(3, np.float32)
-    return _saxpy(np.ones(3, np.float32), y, 3, 2.0) is y and bool((y == 2).all())
-
-
-_SAXPY_IN_PLACE = _saxpy_in_place()
-
-Shapes = Mapping[str, tuple[int, ...]]
-
-
-def shapes_of(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in arrays.items()}
-
-
-def validate_update(
-    arrays: Mapping[str, np.ndarray], reference: Shapes, num_examples: float
-) -> str | None:
-    """Why this update must not be aggregated, or ``None`` if it may.
-
-    Checks: a positive, finite example count; exactly the broadcast model's array
-    names; each shape equal to the broadcast one (no broadcasting); finite values.
-    """
-    if not (isinstance(num_examples, (int, float)) and math.isfinite(num_examples)):
-        return f"num-examples is not a finite number ({num_examples!r})"
-    if num_examples <= 0:
-        return f"num-examples must be > 0, got {num_examples}"
-    missing = set(reference) - set(arrays)
-    extra = set(arrays) - set(reference)
-    if missing or extra:
-        return (
-            f"array names differ from the broadcast model (missing "
-            f"{sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
-        )
-    for key, shape in reference.items():
-        got = tuple(arrays[key].shape)
-        if got != tuple(shape):
-            return f"{key} has shape {got}, the broadcast model has {tuple(shape)}"
-    for key, arr in arrays.items():
-        if not all_finite(arr):
-            return f"{key} contains NaN or infinite values"
-    return None
-
-
-def all_finite(arr: np.ndarray) -> bool:
-    """Whether every value of ``arr`` is finite (integers always are).
-
-    For float32/64 a dot product with itself first: BLAS reads the array once,
-    with no boolean temporary, and the sum of squares is finite unless some
-    value is NaN or infinite (or so large, > 1e19 in float32, that the squares
-    overflow: then the exact, slower test decides).
-    """
-    if arr.dtype.kind != "f":
-        return True
-    if arr.dtype in (np.float32, np.float64) and arr.flags.c_contiguous:
-        flat = arr.reshape(-1)
-        with np.errstate(over="ignore", invalid="ignore"):
-            square_sum = float(np.dot(flat, flat))
-        if math.isfinite(square_sum):
-            return True
-    return bool(np.isfinite(arr).all())
-
-
-def perf_fedavg_weights(
-    num_examples: Sequence[float],
-    accuracies: Sequence[float | None],
-    alpha: float,
-) -> np.ndarray:
-    """PerfFedAvg: eta_k = alpha * n_k / sum(n) + (1 - alpha) * acc_k / sum(acc).
-
-    With ``alpha = 1`` this is FedAvg. When no node reports an accuracy (or all
-    report 0) the weights fall back to FedAvg's; a node that reports none while
-    others do is given the mean of the reported accuracies, so a missing metric
-    neither rewards nor punishes it.
-    """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"perf-alpha must be in [0, 1], got {alpha}")
-    n = np.asarray(num_examples, dtype=np.float64)
-    if len(n) == 0:
-        return n
-    if (n <= 0).any():
-        raise ValueError("every num-examples must be > 0")
-    data_w = n / n.sum()
-    reported = [a for a in accuracies if a is not None]
-    if not reported or sum(reported) < 1e-30:  # subnormal sums divide badly
-        return np.asarray(data_w)
-    mean_acc = float(np.mean(reported))
-    acc = np.asarray([mean_acc if a is None else a for a in accuracies], np.float64)
-    return np.asarray(alpha * data_w + (1.0 - alpha) * acc / acc.sum())
-
-
-NPY_MAGIC = b"\x93NUMPY"
-_C_ORDER = b"'fortran_order': False"
-
-
-@functools.lru_cache(maxsize=4096)
-def _layout(dtype: str, shape: tuple[int, ...]) -> tuple[np.dtype[Any], int, int]:
-    """(numpy dtype, element count, data bytes) of an Array's ``dtype`` and ``shape``.
-
-    Cached: a model's arrays repeat the same few (dtype, shape) pairs in every
-    reply, and parsing them was a third of the time it took to view an update.
-    """
-    dt = np.dtype(dtype)
-    count = math.prod(int(d) for d in shape)
-    return dt, count, count * dt.itemsize
-
-
-def array_view(array: Any) -> np.ndarray:
-    """A read-only numpy view of a Flower ``Array``'s bytes, without a copy.
-
-    ``Array.numpy()`` runs ``np.load`` on the bytes: a full copy of every update.
-    An ``Array`` made from a numpy array holds ``np.save`` output, a small header
-    then the raw buffer, so the data starts ``nbytes`` before the end; the header
-    is checked for the magic and for C order, else this falls back to ``numpy()``.
-    """
-    shape = tuple(array.shape)
-    dtype, _, nbytes = _layout(array.dtype, shape)
-    data = array.data
-    offset = len(data) - nbytes
-    if (
-        array.stype == "numpy.ndarray"
-        and offset > len(NPY_MAGIC)
-        and dtype.kind in "fiub"
-        and data.startswith(NPY_MAGIC)
-        and data.find(_C_ORDER, 0, offset) != -1
-    ):
-        # one constructor call (0.6 us) where frombuffer + reshape take 1.4
-        return np.ndarray(shape, dtype, data, offset)
-    return np.asarray(array.numpy())
-
-
-def _axpy(x: np.ndarray, p: np.ndarray, scratch: np.ndarray, w: float) -> None:
-    """``p += w * x`` in float32, in place.
-
-    BLAS ``saxpy`` does it in one pass (``x`` read once, ``p`` in cache), about
-    1.7x faster than numpy's multiply-then-add, which goes over the chunk twice;
-    numpy stays as the fallback for views BLAS will not take in place.
-    """
-    if _saxpy is not None and x.flags.c_contiguous and p.flags.c_contiguous:
-        out = _saxpy(x, p, a=w)
-        if out is p or np.shares_memory(out, p):
-            return
-        p[...] = out  # pragma: no cover - BLAS copied instead of updating
-        return
-    np.multiply(x, np.float32(w), out=scratch)
-    np.add(p, scratch, out=p)
-
-
-_NDARRAY = "numpy.ndarray"
+from fedobj.aggregation.fold import Pending, Wide, commit_keys, scan_keys
+from fedobj.aggregation.validation import all_finite, validate_update
+from fedobj.aggregation.views import array_view, npy_header, saved_bytes
 
 _PACKED = "\0packed"
 """Key of the buffer the small float32 arrays of an update are packed into."""
@@ -281,7 +119,7 @@ class StreamingMean:
             shares[i].append(key)
             loads[i] += self.sums[key].size
         self._keys = shares
-        # scratch for _axpy's numpy fallback, one per worker
+        # scratch for axpy's numpy fallback, one per worker
         self._scratch = [np.empty(chunk, dtype=np.float32) for _ in range(threads)]
         # a group's float32 sums, checked whole before they reach self.sums
         self._stage = {
@@ -298,9 +136,9 @@ class StreamingMean:
         # entries are (position among the reference's keys, header, file size, ...)
         self._order = list(reference)
         where = {k: i for i, k in enumerate(self._order)}
-        self._pack_plan = [(where[k], *_npy_header(reference[k])) for k in self._packed]
+        self._pack_plan = [(where[k], *npy_header(reference[k])) for k in self._packed]
         self._view_plan = [
-            (where[k], k, *_npy_header(v), v.dtype, tuple(v.shape))
+            (where[k], k, *npy_header(v), v.dtype, tuple(v.shape))
             for k, v in reference.items()
             if k not in self._packed
         ]
@@ -358,7 +196,7 @@ class StreamingMean:
                 raw = memoryview(buf.data).cast("B")
                 pos = 0
                 for i, header, size in self._pack_plan:
-                    data = _saved_bytes(values[i], header, size)
+                    data = saved_bytes(values[i], header, size)
                     if data is None:
                         return None
                     end = pos + size - len(header)
@@ -366,7 +204,7 @@ class StreamingMean:
                     pos = end
                 out[_PACKED] = buf
             for i, key, header, size, dtype, shape in self._view_plan:
-                data = _saved_bytes(values[i], header, size)
+                data = saved_bytes(values[i], header, size)
                 if data is None:
                     return None
                 out[key] = np.ndarray(shape, dtype, data, len(header))
@@ -498,67 +336,16 @@ class StreamingMean:
         ]
         return [f.result() for f in futures]
 
-    def _scan_keys(
-        self,
-        pending: list[tuple[Mapping[str, np.ndarray], float]],
-        keys: list[str],
-        worker: int,
-    ) -> dict[tuple[str, int], np.ndarray] | None:
-        """Sum ``keys`` of the group into the float32 staging buffers, chunk by
-        chunk, checking each chunk finite. None as soon as one is not, because
-        of a non-finite value; chunks whose finite values overflowed float32
-        are summed in float64 and returned, by (key, start), for the commit."""
-        term = self._scratch[worker]
-        wide: dict[tuple[str, int], np.ndarray] = {}
-        for key in keys:
-            terms = [(np.asarray(a[key]).reshape(-1), w) for a, w in pending]
-            if key not in self._stage:  # integer or float64: checked only here
-                if not all(all_finite(x) for x, _ in terms):
-                    return None
-                continue
-            stage = self._stage[key]
-            direct = _SAXPY_IN_PLACE and all(x.flags.c_contiguous for x, _ in terms)
-            for start in range(0, stage.size, self.chunk):
-                stop = min(start + self.chunk, stage.size)
-                p = stage[start:stop]
-                p.fill(0)
-                if direct and _saxpy is not None:  # _axpy less its checks
-                    for x, w in terms:
-                        _saxpy(x[start:stop], p, stop - start, w)
-                else:
-                    for x, w in terms:
-                        _axpy(x[start:stop], p, term[: stop - start], w)
-                if not all_finite(p):
-                    if not all(all_finite(x[start:stop]) for x, _ in terms):
-                        return None
-                    wide[(key, start)] = sum(
-                        (x[start:stop].astype(np.float64) * w for x, w in terms),
-                        np.zeros(stop - start),
-                    )
-        return wide
+    def _scan_keys(self, pending: Pending, keys: list[str], worker: int) -> Wide | None:
+        """:func:`~fedobj.aggregation.fold.scan_keys` into this mean's staging
+        buffers, with ``worker``'s scratch."""
+        return scan_keys(pending, keys, self._stage, self.chunk, self._scratch[worker])
 
     def _commit_keys(
-        self,
-        pending: list[tuple[Mapping[str, np.ndarray], float]],
-        keys: list[str],
-        worker: int,
-        *,
-        wide: dict[tuple[str, int], np.ndarray],
+        self, pending: Pending, keys: list[str], worker: int, *, wide: Wide
     ) -> None:
-        """Add the scanned group's sums of ``keys`` to the float64 sums."""
-        for key in keys:
-            flat = self.sums[key].reshape(-1)
-            if key not in self._stage:
-                for a, w in pending:
-                    flat += np.multiply(
-                        np.asarray(a[key]).reshape(-1), w, dtype=np.float64
-                    )
-                continue
-            stage = self._stage[key]
-            for start in range(0, flat.size, self.chunk):
-                stop = min(start + self.chunk, flat.size)
-                exact = wide.get((key, start))
-                flat[start:stop] += stage[start:stop] if exact is None else exact
+        """:func:`~fedobj.aggregation.fold.commit_keys` into the float64 sums."""
+        commit_keys(pending, keys, self.sums, self._stage, self.chunk, wide)
 
     def result(self) -> dict[str, np.ndarray]:
         """The weighted mean so far (folds what is still pending)."""
@@ -599,15 +386,6 @@ class StreamingMean:
         return out
 
 
-def _saved_bytes(array: Any, header: bytes, size: int) -> bytes | None:
-    """``array``'s bytes if they are ``np.save`` output with exactly ``header``
-    (so this dtype, shape and C order) and ``size`` bytes long, else None."""
-    data = array.data
-    if len(data) != size or array.stype != _NDARRAY or not data.startswith(header):
-        return None
-    return data  # type: ignore[no-any-return]
-
-
 def _check_weight(weight: float) -> None:
     """A weight must be positive, finite and a normal float32 number: one that
     float32 rounds to 0 would make BLAS skip its term, NaNs included."""
@@ -618,19 +396,6 @@ def _check_weight(weight: float) -> None:
         )
     if weight > float(np.finfo(np.float32).max):
         raise ValueError(f"weight must fit float32, got {weight}")
-
-
-def _npy_header(ref: np.ndarray) -> tuple[bytes, int]:
-    """(header ``np.save`` writes for ``ref``'s dtype and shape, its file size)."""
-    buf = io.BytesIO()
-    fields = {
-        "descr": np.lib.format.dtype_to_descr(ref.dtype),
-        "fortran_order": False,
-        "shape": tuple(ref.shape),
-    }
-    np.lib.format.write_array_header_1_0(buf, fields)
-    header = buf.getvalue()
-    return header, len(header) + ref.nbytes
 
 
 def weighted_mean(
