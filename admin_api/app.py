@@ -27,9 +27,14 @@ from admin_api.auth import ApiKeyMiddleware, KeyCache
 from admin_api.console import console_handlers, template_config
 from admin_api.console.live import Broadcaster
 from admin_api.console.session import SessionCodec
+from admin_api.detection_log import DetectionLog
 from admin_api.problems import EXCEPTION_HANDLERS
 from admin_api.routes.categories import CategoryController
-from admin_api.routes.common import provide_catalog, provide_server
+from admin_api.routes.common import (
+    provide_catalog,
+    provide_detection_log,
+    provide_server,
+)
 from admin_api.routes.detect import detect_controller
 from admin_api.routes.runs import NodeController, RunController
 from admin_api.routes.system import (
@@ -60,6 +65,9 @@ def create_app(settings: ApiSettings | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await catalog.migrate()
         await catalog.start_pool()
+        catalog.cache_reads()
+        app.state.detection_log = DetectionLog(catalog)
+        app.state.detection_log.start()
         app.state.api_secret = load_secret(settings.secret_path)
         app.state.session_codec = SessionCodec(app.state.api_secret)
         app.state.broadcaster = Broadcaster(catalog)
@@ -78,6 +86,7 @@ def create_app(settings: ApiSettings | None = None) -> Litestar:
             yield
         finally:
             await app.state.broadcaster.close()
+            await app.state.detection_log.close()
             await catalog.close_pool()
 
     api = Router(
@@ -111,6 +120,7 @@ def create_app(settings: ApiSettings | None = None) -> Litestar:
         dependencies={
             "catalog": Provide(provide_catalog, sync_to_thread=False),
             "model_server": Provide(provide_server, sync_to_thread=False),
+            "detection_log": Provide(provide_detection_log, sync_to_thread=False),
         },
         state=State(
             {

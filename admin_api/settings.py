@@ -68,7 +68,7 @@ class ApiSettings:
     detect_threshold: float = 0.7
     cors_origins: tuple[str, ...] = ()
     inference_threads: int = 1
-    key_cache_seconds: float = 5.0
+    key_cache_seconds: float = 1.0
     max_page: int = 200
 
     def __post_init__(self) -> None:

@@ -84,7 +84,7 @@ async def _one(
         )
     except ImageInputError as exc:
         return Outcome(name, None, str(exc), None)
-    await catalog.record_detections(
+    await request.app.state.detection_log.record(
         actor_of(require(request, *DETECT)),
         version.name,
         [(image_digest(data), results[0])],

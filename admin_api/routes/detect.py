@@ -15,7 +15,14 @@ from litestar.status_codes import HTTP_200_OK, HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
 from admin_api.auth import DETECT, READ, allow
 from admin_api.metrics import observe_detections
-from admin_api.routes.common import CatalogDep, Limit, Offset, ServerDep, actor_of
+from admin_api.routes.common import (
+    CatalogDep,
+    DetectionLogDep,
+    Limit,
+    Offset,
+    ServerDep,
+    actor_of,
+)
 from admin_api.schemas import (
     BatchDetectionOut,
     DetectionHistoryOut,
@@ -73,7 +80,7 @@ def detect_controller(settings: ApiSettings) -> type[Controller]:
         )
         async def detect_one(
             self,
-            catalog: CatalogDep,
+            detection_log: DetectionLogDep,
             model_server: ServerDep,
             request: Request[Any, Any, Any],
             data: Annotated[ImageForm, Body(media_type=RequestEncodingType.MULTI_PART)],
@@ -90,7 +97,7 @@ def detect_controller(settings: ApiSettings) -> type[Controller]:
             version, results = await detect(
                 model_server, [image], top_k=top_k, threshold=cut
             )
-            await catalog.record_detections(
+            await detection_log.record(
                 actor_of(request.user),
                 version.name,
                 [(image_digest(image), results[0])],
@@ -106,7 +113,7 @@ def detect_controller(settings: ApiSettings) -> type[Controller]:
         )
         async def detect_batch(
             self,
-            catalog: CatalogDep,
+            detection_log: DetectionLogDep,
             model_server: ServerDep,
             request: Request[Any, Any, Any],
             data: Annotated[
@@ -132,7 +139,7 @@ def detect_controller(settings: ApiSettings) -> type[Controller]:
                 )
             except ImageInputError as exc:
                 raise ImageInputError(f"batch refused: {exc}") from exc
-            await catalog.record_detections(
+            await detection_log.record(
                 actor_of(request.user),
                 version.name,
                 [(image_digest(i), r) for i, r in zip(images, results, strict=True)],

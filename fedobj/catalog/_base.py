@@ -17,6 +17,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from piccolo.engine.postgres import PostgresEngine
 
+from fedobj.catalog.cache import ReadCache
 from fedobj.catalog.db import (
     BoundTables,
     bind_tables,
@@ -63,6 +64,22 @@ class CatalogBase:
         self.engine = make_engine(self.spec)
         self.tables: BoundTables = bind_tables(self.engine)
         self.clock = clock
+        self._read_cache: ReadCache | None = None
+
+    def cache_reads(self) -> ReadCache:
+        """Serve the hot reads from memory from now on (a serving process).
+
+        See :mod:`fedobj.catalog.cache`: each cached read then costs one read
+        of the database's change counter. Returns the cache (its hit counts).
+        """
+        if self._read_cache is None:
+            self._read_cache = ReadCache(self.change_count)
+        return self._read_cache
+
+    async def change_count(self) -> int:
+        """How many times a category or model version was written, ever."""
+        count: int = await self.engine.change_count()
+        return count
 
     @property
     def url(self) -> str:

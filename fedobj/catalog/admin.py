@@ -197,8 +197,22 @@ class AdminOps(CatalogBase):
         The detection dict is the API's response shape (``predictions``,
         ``detected``, ``inference_time_ms``). One transaction for a batch.
         """
-        if not results:
-            return
+        await self.insert_detection_rows(
+            self.detection_rows(actor, model_version, results)
+        )
+
+    def detection_rows(
+        self,
+        actor: str,
+        model_version: str,
+        results: Sequence[tuple[str, Mapping[str, Any]]],
+    ) -> list[Any]:
+        """Detection rows ready to insert, checked now (no database needed).
+
+        Split from the insert so a caller that stores many requests' rows in one
+        transaction (the admin API's group commit) finds a bad value while it
+        still belongs to one request.
+        """
         t = self.tables.Detection
         now = self.clock()
         rows = []
@@ -219,8 +233,15 @@ class AdminOps(CatalogBase):
                     or 0.0,
                 )
             )
+        return rows
+
+    @guarded
+    async def insert_detection_rows(self, rows: Sequence[Any]) -> None:
+        """Insert rows from :meth:`detection_rows` in one transaction."""
+        if not rows:
+            return
         async with self._write():
-            await t.insert(*rows)
+            await self.tables.Detection.insert(*rows)
 
     def _detections_where(self, query: Any, f: DetectionFilter | None) -> Any:
         t = self.tables.Detection

@@ -13,6 +13,7 @@ from typing import Any
 from fedobj.catalog._base import guarded
 from fedobj.catalog.admin import AdminOps
 from fedobj.catalog.categories import CategoryOps
+from fedobj.catalog.engines import CatalogSQLiteEngine
 from fedobj.catalog.errors import DatabaseUnavailableError
 from fedobj.catalog.lease import LeaseOps
 from fedobj.catalog.migrate import migrate_async, pending_migrations
@@ -70,16 +71,22 @@ class Catalog(CategoryOps, VersionOps, RunOps, LeaseOps, AdminOps):
             )
 
     async def start_pool(self, **kwargs: Any) -> None:
-        """Open an asyncpg pool (PostgreSQL, long-lived event loop only).
+        """Keep connections open for this event loop (a serving process).
 
-        Worth it for the admin API, which serves many requests from one loop.
-        Never used by :class:`SyncCatalog`: a pool belongs to the loop that made
-        it, and every synchronous call runs in a loop of its own.
+        PostgreSQL: an asyncpg pool (``kwargs`` go to it). SQLite: a few open
+        connections for statements outside transactions (see
+        :class:`fedobj.catalog.engines.SQLiteStatementPool`). Never used by
+        :class:`SyncCatalog`: a pool belongs to the loop that made it, and every
+        synchronous call runs in a loop of its own.
         """
-        if self.is_postgres:
+        if isinstance(self.engine, CatalogSQLiteEngine):
+            await self.engine.start_pool()
+        else:
             await self.engine.start_connection_pool(**kwargs)
 
     async def close_pool(self) -> None:
         """Close the pool opened by :meth:`start_pool`, if any."""
-        if self.is_postgres and getattr(self.engine, "pool", None) is not None:
+        if isinstance(self.engine, CatalogSQLiteEngine):
+            await self.engine.close_pool()
+        elif self.engine.pool is not None:
             await self.engine.close_connection_pool()

@@ -17,6 +17,7 @@ from piccolo.columns.combination import WhereRaw
 from piccolo.custom_types import Combinable
 
 from fedobj.catalog._base import CatalogBase, finite_or_none, guarded
+from fedobj.catalog.cache import cached_read
 from fedobj.catalog.db import is_unique_violation
 from fedobj.catalog.errors import (
     CatalogValueError,
@@ -153,6 +154,7 @@ class CategoryOps(CatalogBase):
             raise DuplicateCategoryError(f"category {row['name']!r} already exists")
 
     @guarded
+    @cached_read
     async def list_categories(
         self,
         active: bool | None = None,
@@ -176,6 +178,7 @@ class CategoryOps(CatalogBase):
         return [category_from_row(r) for r in await query]
 
     @guarded
+    @cached_read
     async def count_categories(
         self, active: bool | None = None, search: str | None = None
     ) -> int:
@@ -367,6 +370,7 @@ class CategoryOps(CatalogBase):
         )
 
     @guarded
+    @cached_read
     async def snapshot(self) -> ClassMap:
         """The class map of every category ever kept, active or not (contract 3).
 

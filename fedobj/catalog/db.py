@@ -138,7 +138,7 @@ def _redact(parts: SplitResult) -> str:
     return urlunsplit(("postgresql", netloc, parts.path, "", ""))
 
 
-def make_engine(spec: DatabaseSpec) -> Engine[Any]:
+def make_engine(spec: DatabaseSpec) -> CatalogSQLiteEngine | CatalogPostgresEngine:
     """Build a Piccolo engine for ``spec`` without touching the database."""
     if spec.kind == "sqlite":
         return CatalogSQLiteEngine(path=spec.target, timeout=SQLITE_BUSY_TIMEOUT_S)

@@ -23,9 +23,12 @@ cancellation included. The caller sees the original error, never a clean-up one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections.abc import Awaitable
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -173,8 +176,136 @@ class ClosingPostgresTransaction(PostgresTransaction):
         return exception is None
 
 
+SQLITE_POOL_SIZE = 4
+"""Long-lived SQLite connections a serving process keeps for single statements.
+
+A few are enough: a statement takes tens of microseconds, and in WAL mode readers
+never wait for the writer. More only add idle threads."""
+
+CHANGES_SQL = "SELECT value FROM catalog_counter WHERE name = 'changes'"
+"""The catalog's change counter (bumped by triggers on ``category`` and
+``model_version``; see the 2026-12-07 "change counter" migration)."""
+
+
+def _run_statement(
+    connection: sqlite3.Connection, query: str, args: list[Any]
+) -> list[dict[str, Any]]:
+    # isolation_level=None: the statement is its own transaction, committed
+    # when it finishes, exactly as on Piccolo's fresh connection.
+    cursor = connection.execute(query, args)
+    try:
+        return cursor.fetchall()
+    finally:
+        cursor.close()
+
+
+class SQLiteStatementPool:
+    """Open SQLite connections, each used by one statement at a time.
+
+    Piccolo's SQLite engine opens a new ``aiosqlite`` connection for every
+    statement outside a transaction: a new thread, the file opened and its
+    schema parsed, ``PRAGMA foreign_keys`` set, then all of it torn down. Under
+    the admin API's load that was most of a request's cost (profile in
+    ``simulations/README.md``). The pool keeps ``size`` ``sqlite3`` connections
+    and runs each statement on a worker thread of its own executor, so the event
+    loop never blocks on the file.
+
+    A connection goes back to the pool only when its statement has finished on
+    the worker thread, also when the awaiting task was cancelled meanwhile.
+    The executor's threads are idle between statements and end with the
+    process, so a forgotten :meth:`close` cannot hang interpreter exit (an
+    ``aiosqlite`` worker thread would).
+    """
+
+    def __init__(self, connection_kwargs: dict[str, Any], size: int) -> None:
+        self._kwargs = connection_kwargs
+        self._size = size
+        self._executor = ThreadPoolExecutor(
+            max_workers=size, thread_name_prefix="catalog-sqlite"
+        )
+        self._free: asyncio.Queue[sqlite3.Connection] = asyncio.Queue()
+        self._all: list[sqlite3.Connection] = []
+
+    def _connect(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection = sqlite3.connect(
+            **self._kwargs, check_same_thread=False
+        )
+        connection.row_factory = dict_factory
+        connection.execute("PRAGMA foreign_keys = 1")
+        return connection
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(self._size):
+            connection = await loop.run_in_executor(self._executor, self._connect)
+            self._all.append(connection)
+            self._free.put_nowait(connection)
+
+    async def fetch(self, query: str, args: list[Any]) -> list[dict[str, Any]]:
+        """Run one statement on a free connection; its rows as dicts."""
+        connection = await self._free.get()
+        loop = asyncio.get_running_loop()
+        done: Future[list[dict[str, Any]]] = self._executor.submit(
+            _run_statement, connection, query, args
+        )
+        done.add_done_callback(
+            lambda _: loop.call_soon_threadsafe(self._free.put_nowait, connection)
+        )
+        return await asyncio.wrap_future(done)
+
+    async def close(self) -> None:
+        """Wait for statements in flight, close every connection."""
+        for _ in range(len(self._all)):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._free.get(), RELEASE_TIMEOUT_S)
+        for connection in self._all:
+            with contextlib.suppress(Exception):
+                connection.close()
+        self._all.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 class CatalogSQLiteEngine(SQLiteEngine):
-    """SQLite engine with closing transactions and no start-up version probe."""
+    """SQLite engine with closing transactions, no start-up version probe, and
+    (in a serving process) a pool of open connections for single statements."""
+
+    pool: SQLiteStatementPool | None = None
+
+    async def start_pool(self, size: int = SQLITE_POOL_SIZE) -> None:
+        """Keep ``size`` connections open for statements outside transactions.
+
+        Only for a long-lived event loop (the admin API): the pool belongs to
+        the loop that opened it. Transactions still open their own connection.
+        """
+        if self.pool is None:
+            pool = SQLiteStatementPool(self.connection_kwargs, size)
+            await pool.open()
+            self.pool = pool
+
+    async def close_pool(self) -> None:
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            await pool.close()
+
+    async def _run_in_new_connection(
+        self,
+        query: str,
+        args: list[Any] | None = None,
+        query_type: str = "generic",
+        table: Any = None,
+    ) -> Any:
+        """A pooled connection when the pool is open; else Piccolo's fresh one."""
+        if self.pool is None:
+            return await super()._run_in_new_connection(query, args, query_type, table)
+        return await self.pool.fetch(query, list(args or []))
+
+    async def change_count(self) -> int:
+        """The catalog's change counter (see :data:`CHANGES_SQL`)."""
+        if self.pool is not None:
+            rows = await self.pool.fetch(CHANGES_SQL, [])
+        else:
+            rows = await super()._run_in_new_connection(CHANGES_SQL)
+        return int(rows[0]["value"]) if rows else 0
 
     async def check_version(self) -> None:
         """Skip Piccolo's probe: it only warns, and the catalog checks in ``ping``."""
@@ -215,6 +346,17 @@ class CatalogPostgresEngine(PostgresEngine):
 
     async def prep_database(self) -> None:
         """No extensions needed: ``gen_random_uuid()`` is built in since PG 13."""
+
+    async def change_count(self) -> int:
+        """The catalog's change counter (see :data:`CHANGES_SQL`), read without
+        Piccolo's query building: the admin API asks on every cached read."""
+        if self.pool is not None:
+            async with self.pool.acquire() as connection:
+                value = await connection.fetchval(CHANGES_SQL)
+        else:
+            rows = await self._run_in_new_connection(CHANGES_SQL)
+            value = rows[0]["value"] if rows else 0
+        return int(value or 0)
 
     def transaction(self, allow_nested: bool = True) -> PostgresTransaction:
         """Like Piccolo's, but the transaction releases what it acquired."""

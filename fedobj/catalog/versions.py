@@ -17,6 +17,7 @@ from typing import Any
 from piccolo.custom_types import Combinable
 
 from fedobj.catalog._base import CatalogBase, finite_or_none, guarded, plain_json
+from fedobj.catalog.cache import cached_read
 from fedobj.catalog.db import is_unique_violation
 from fedobj.catalog.errors import (
     CatalogValueError,
@@ -216,6 +217,7 @@ class VersionOps(CatalogBase):
         ]
 
     @guarded
+    @cached_read
     async def current_version(self) -> VersionRecord | None:
         """The version the next round and the next run start from, if any."""
         t = self.tables.ModelVersion
