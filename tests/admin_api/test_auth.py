@@ -3,8 +3,12 @@ for a role that may not, and the role that may gets through."""
 
 from __future__ import annotations
 
-import pytest
+import time
 
+import pytest
+from litestar.testing import TestClient
+
+from admin_api import ApiSettings, create_app
 from fedobj.apikeys import hash_token, key_id_of, load_secret, token_matches
 from tests.admin_api.conftest import ApiEnv, png_bytes
 
@@ -86,6 +90,24 @@ def test_revoked_key_is_refused(api: ApiEnv) -> None:
     assert api.client.get(f"{V1}/categories", headers=viewer).status_code == 401
     revoke = api.catalog.list_audit(action="key.revoke")
     assert revoke[0].target == key_id and revoke[0].actor == "cli:test"
+
+
+def test_a_key_revoked_elsewhere_is_refused_within_a_second(
+    api: ApiEnv, catalog_url: str
+) -> None:
+    """With the default key cache (1 s), as ``fedobj admin serve`` runs."""
+    settings = ApiSettings(
+        outputs_dir=api.outputs, database_url=catalog_url, rate_limit_per_second=0
+    )
+    assert settings.key_cache_seconds <= 1.0
+    viewer = api.auth("viewer")
+    with TestClient(create_app(settings)) as client:
+        assert client.get(f"{V1}/categories", headers=viewer).status_code == 200
+        key_id = key_id_of(api.keys["viewer"])
+        assert key_id is not None
+        api.catalog.revoke_api_key(key_id)  # another connection, as the CLI
+        time.sleep(settings.key_cache_seconds + 0.05)
+        assert client.get(f"{V1}/categories", headers=viewer).status_code == 401
 
 
 def test_keys_are_stored_only_as_keyed_hashes(api: ApiEnv) -> None:
