@@ -23,37 +23,66 @@ misses its heartbeats (Flower 1.41: sent every ~20 s, offline after 2 x 30 s) th
 SuperLink answers its message with a ``NODE_UNAVAILABLE`` error reply *from the
 SuperLink*, which :func:`exchange` attributes to the node it was sent to; a node
 that stays silent until the deadline is reported through ``on_missing``. Either way
-the node is counted as failed, with its id and why (:class:`NodeOutcome`).
+the node is counted as failed, with its id and why (:class:`NodeOutcome`; what a
+reply says is read in :mod:`apps.replies`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from apps.replies import (
+    MAX_COUNT,
+    ORDER_TAIL_BYTES,
+    UNAVAILABLE_CODES,
+    NodeOutcome,
+    balanced_weight,
+    count_of,
+    failure_of,
+    histogram_problem,
+    missing,
+    outcome_of,
+    reply_order,
+    reply_weight,
+)
 from fedobj import keys
 from fedobj.aggregation import StreamingMean, array_view, validate_update
+
+__all__ = [  # what a reply says lives in apps/replies.py; importable here too
+    "ACC_FLOOR",
+    "Aggregate",
+    "MAX_COUNT",
+    "ORDER_TAIL_BYTES",
+    "POLL_FIRST_S",
+    "POLL_MAX_S",
+    "UNAVAILABLE_CODES",
+    "NodeOutcome",
+    "ReplyFolder",
+    "balanced_weight",
+    "collect_replies",
+    "count_of",
+    "dispatch_plan",
+    "exchange",
+    "failure_of",
+    "fold_replies",
+    "histogram_problem",
+    "missing",
+    "outcome_of",
+    "reply_order",
+    "reply_weight",
+]
 
 POLL_FIRST_S = 0.02
 """First wait between pulls; grows 1.5x per empty pull, reset by each reply."""
 POLL_MAX_S = 0.5
 """Longest wait between pulls (Flower's own loop always waits 3 s)."""
-
-UNAVAILABLE_CODES = frozenset(
-    {
-        ErrorCode.NODE_UNAVAILABLE,  # the node stopped sending heartbeats
-        ErrorCode.MESSAGE_UNAVAILABLE,  # the instruction expired or was deleted
-        ErrorCode.REPLY_MESSAGE_UNAVAILABLE,  # the reply expired before the pull
-    }
-)
-"""Error codes the SuperLink itself replies with when a node cannot answer."""
 
 
 def exchange(
@@ -82,7 +111,7 @@ def exchange(
     # the Grid writes each message's id into it as it pushes; a message it could
     # not push gets no id back ("" or None), and no reply will come for it
     if stagger > 0 and len(messages) > 1:
-        pending = set()
+        pending: set[str] = set()
         for i, message in enumerate(messages):
             if i:
                 sleep(stagger)
@@ -166,167 +195,8 @@ def dispatch_plan(
     return ordered, stagger
 
 
-@dataclass
-class NodeOutcome:
-    """What a reply said (metrics, label histogram) or why it was not used.
-
-    ``failure`` classifies an unused reply for counts and logs: ``"unavailable"``
-    (the SuperLink says the node is offline or the message expired),
-    ``"timeout"`` (no reply within the round's timeout), ``"error"`` (the node
-    replied with an error: it declined, or could not read its data) or
-    ``"invalid"`` (the reply failed validation); None for a used reply.
-    """
-
-    node_id: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-    labels: dict[str, int] = field(default_factory=dict)
-    failure: str | None = None
-
-
-def failure_of(msg: Message) -> str:
-    """``"unavailable"`` for the SuperLink's own error replies, else ``"error"``."""
-    return "unavailable" if msg.error.code in UNAVAILABLE_CODES else "error"
-
-
-def missing(node_id: int, timeout: float) -> NodeOutcome:
-    """The outcome of a node that did not reply before the deadline."""
-    return NodeOutcome(
-        node_id, error=f"no reply within {timeout:g} s", failure="timeout"
-    )
-
-
-ORDER_TAIL_BYTES = 256
-
-
-def reply_order(msg: Message) -> tuple[int, bytes, str]:
-    """A sort key that puts replies in the same order whichever came first.
-
-    Aggregations sum floats, and float addition is not associative: summed in
-    arrival order (a race between nodes), two runs of one seed part ways at
-    the last bit and then further. The key is what the reply says: the last
-    bytes of each of its arrays, then its metrics (wall-clock times left out),
-    never the node id (Flower draws those afresh in every simulation).
-    """
-    if msg.has_error():
-        return (1, b"", f"{msg.error.code}:{msg.error.reason}")
-    content = msg.content
-    metrics = [
-        (name, sorted((k, v) for k, v in record.items() if not k.endswith("seconds")))
-        for name, record in sorted(content.metric_records.items())
-    ]
-    tail = b"".join(
-        bytes(content.array_records[name][key].data[-ORDER_TAIL_BYTES:])
-        for name in sorted(content.array_records)
-        for key in sorted(content.array_records[name])
-    )
-    return (0, tail, repr(metrics))
-
-
-def outcome_of(msg: Message) -> NodeOutcome:
-    """A reply's numeric metrics and label histogram, or its error."""
-    node = msg.metadata.src_node_id
-    if msg.has_error():
-        return NodeOutcome(node, error=str(msg.error.reason), failure=failure_of(msg))
-    values: dict[str, float] = {}
-    for record in msg.content.metric_records.values():
-        for k, v in record.items():
-            if isinstance(v, (int, float)):
-                values[k] = float(v)
-    hist = msg.content.config_records.get(keys.LABEL_HISTOGRAM)
-    # a count that is not a non-negative integer says nothing true about the
-    # node's images (and would make the catalog refuse the whole histogram)
-    labels = (
-        {
-            str(k): int(v)
-            for k, v in hist.items()
-            if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_COUNT
-        }
-        if hist is not None
-        else {}
-    )
-    return NodeOutcome(node, values, labels=labels)
-
-
-MAX_COUNT = 2**53
-"""The largest example or image count a reply may claim: float64 holds every
-integer up to it, and the catalog's 64-bit INTEGER columns hold it (a larger one
-made the round's bookkeeping raise and the run abort)."""
-
-
-def count_of(value: object) -> int:
-    """A reported count as the catalog stores it: 0 for anything that is not
-    a finite number in [0, MAX_COUNT] (an evaluate reply's count is not checked
-    elsewhere, and a NaN or 1e19 made ``int()`` or SQLite raise)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return 0
-    if not (math.isfinite(value) and 0 <= value <= MAX_COUNT):
-        return 0
-    return int(value)
-
-
-def reply_weight(msg: Message) -> tuple[float, None] | tuple[None, str]:
-    """A train reply's example count if it is a reply that may be aggregated
-    at all (no error, model arrays, a positive finite count; contract 5), else
-    None and the reason. Its arrays are checked where they are folded."""
-    if msg.has_error():
-        return None, f"error reply: {msg.error.reason}"
-    content = msg.content
-    if keys.ARRAYS not in content.array_records:
-        return None, "reply has no model arrays"
-    metrics = content.metric_records.get(keys.METRICS)
-    n = metrics.get(keys.NUM_EXAMPLES) if metrics is not None else None
-    if not (isinstance(n, (int, float)) and math.isfinite(n)):
-        return None, f"num-examples is not a finite number ({n!r})"
-    if n < 1e-30:  # too small to weigh in float32 (and not a count)
-        return None, f"num-examples must be > 0 (at least 1e-30), got {n}"
-    if n > MAX_COUNT:
-        return None, f"num-examples is implausibly large ({n})"
-    return float(n), None
-
-
-def histogram_problem(
-    labels: Mapping[str, int], examples: float, slugs: Collection[str] | None = None
-) -> str | None:
-    """Why a reply's label histogram says nothing true, if it does not.
-
-    It counts the images the node trained on, so it must add up to the reply's
-    example count, and (given the round's class-map ``slugs``) name only those:
-    one that does not would skew the class-balanced weights, and the catalog's
-    ``sample_count`` for good.
-    """
-    total = sum(labels.values())
-    if total != examples:
-        return (
-            f"its label histogram counts {total} images, its num-examples {examples:g}"
-        )
-    unknown = set(labels).difference(slugs) if slugs is not None else set()
-    if unknown:
-        return (
-            f"its label histogram names slugs outside the class map: {sorted(unknown)}"
-        )
-    return None
-
-
-def balanced_weight(
-    labels: Mapping[str, int], examples: float, class_weights: Mapping[str, float]
-) -> tuple[float, None] | tuple[None, str]:
-    """A reply's class-balanced weight: its label histogram's counts times the
-    per-image weights (1 for a slug without one); its example count if it sent
-    no histogram; None and the reason if the weight is too small to fold."""
-    if not labels:
-        return examples, None
-    problem = histogram_problem(labels, examples)
-    if problem is not None:
-        return None, problem
-    weight = sum(count * class_weights.get(slug, 1.0) for slug, count in labels.items())
-    if not (math.isfinite(weight) and 1e-30 <= weight <= 1e30):
-        return None, (
-            f"its label histogram gives a class-balanced weight of {weight!r} "
-            "(must be within [1e-30, 1e30])"
-        )
-    return weight, None
-
+Aggregate = tuple[ArrayRecord | None, MetricRecord | None]
+"""An aggregation's result, as Flower's ``aggregate_train`` returns it."""
 
 ACC_FLOOR = 1e-30
 """Local accuracies below this weigh nothing (float32 would round them to 0)."""
@@ -479,10 +349,16 @@ class ReplyFolder:
             setattr(self, name, mean)
         return mean
 
-    def aggregate(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate(
+        self, held: Callable[[list[Message]], Aggregate] | None = None
+    ) -> Aggregate:
         """The weighted mean of every folded reply and the weighted train metrics
-        (``finish`` first, if it was not called)."""
+        (``finish`` first, if it was not called); with ``stream=False``, what
+        ``held`` (the inner strategy's own aggregation) makes of the kept replies.
+        """
         self.finish()
+        if not self.stream and held is not None:
+            return held(self.valid)
         if self._by_n is None or self._by_n.count == 0:
             return None, None
         mean = self._by_n.result()
@@ -495,7 +371,9 @@ class ReplyFolder:
                 if self._no_acc is not None and self._no_acc.count > 0
                 else None
             )
-            missing = self._no_acc.count if no_acc is not None else 0
+            missing = 0
+            if no_acc is not None and self._no_acc is not None:
+                missing = self._no_acc.count
             for k, v in mean.items():
                 acc_part = by_acc[k].astype(np.float64) * reported
                 if no_acc is not None:
@@ -514,3 +392,42 @@ class ReplyFolder:
             {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
         )
         return ArrayRecord({k: Array(v) for k, v in mean.items()}), metrics
+
+
+def fold_replies(
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float,
+    folder: ReplyFolder,
+    *,
+    last_seconds: Mapping[int, float],
+    stagger: float = 0.0,
+) -> None:
+    """A round's training exchange: push ``messages`` in :func:`dispatch_plan`'s
+    order and fold every reply, and every silence, into ``folder`` (finished:
+    its counts are final)."""
+    ordered, pause = dispatch_plan(messages, last_seconds, stagger)
+    exchange(
+        grid,
+        ordered,
+        timeout,
+        folder,
+        on_missing=functools.partial(folder.missed, timeout=timeout),
+        stagger=pause,
+    )
+    del ordered
+    folder.finish()  # values are checked as they are folded: before counting
+
+
+def collect_replies(
+    grid: Grid, messages: Iterable[Message], timeout: float
+) -> tuple[list[Message], list[NodeOutcome]]:
+    """A round's evaluation exchange: every reply, in :func:`reply_order` (they are
+    summed), and every node's outcome, silent ones last."""
+    replies: list[Message] = []
+    silent: list[int] = []  # nodes that did not answer in time
+    exchange(grid, messages, timeout, replies.append, on_missing=silent.append)
+    replies.sort(key=reply_order)
+    outcomes = [outcome_of(m) for m in replies]
+    outcomes += [missing(n, timeout) for n in silent]
+    return replies, outcomes
