@@ -34,6 +34,7 @@ from typing import Any
 import onnxruntime as ort
 
 from fedobj.catalog import Catalog, VersionRecord
+from fedobj.classmap import ClassMap
 from fedobj.errors import FedObjError
 from fedobj.inference import Predictor, PredictorCache, measure_latency
 from fedobj.registry import ArtifactStore, public_uri, sha256_hex
@@ -391,10 +392,15 @@ async def detect(
     fedobj.inference.ImageInputError
         An image cannot be decoded (the message says which and why).
     """
+    current, classes_now = await server.catalog.serving_view()
     if version is None:
-        version = await server.current()
+        if current is None:
+            raise NoModelError(
+                "no model version yet: run a federation (`make demo`) first"
+            )
+        version = current
     predictor = await server.predictor(version)
-    allowed = await allowed_classes(server.catalog, version)
+    allowed = allowed_classes(classes_now, version)
     detections = await asyncio.to_thread(
         predictor.predict_bytes,
         images,
@@ -405,13 +411,13 @@ async def detect(
     return version, [d.to_dict() for d in detections]
 
 
-async def allowed_classes(catalog: Catalog, version: VersionRecord) -> list[int]:
+def allowed_classes(classes_now: ClassMap, version: VersionRecord) -> list[int]:
     """Head rows a prediction may name: in the version's map and active now.
 
     A category deactivated after the version was trained is never predicted
     (contract 9), and one added after it is not in its head at all.
     """
-    active_now = set((await catalog.snapshot()).active_indices)
+    active_now = set(classes_now.active_indices)
     return [i for i in version.class_map.active_indices if i in active_now]
 
 

@@ -12,13 +12,16 @@ from typing import Any
 
 from fedobj.catalog._base import guarded
 from fedobj.catalog.admin import AdminOps
+from fedobj.catalog.cache import cached_read
 from fedobj.catalog.categories import CategoryOps
 from fedobj.catalog.engines import CatalogSQLiteEngine
 from fedobj.catalog.errors import DatabaseUnavailableError
 from fedobj.catalog.lease import LeaseOps
 from fedobj.catalog.migrate import migrate_async, pending_migrations
+from fedobj.catalog.records import VersionRecord
 from fedobj.catalog.runs import RunOps
 from fedobj.catalog.versions import VersionOps
+from fedobj.classmap import ClassMap
 
 
 class Catalog(CategoryOps, VersionOps, RunOps, LeaseOps, AdminOps):
@@ -69,6 +72,13 @@ class Catalog(CategoryOps, VersionOps, RunOps, LeaseOps, AdminOps):
                 f"catalog database {self.url} lacks migrations {pending}; "
                 "run migrate() first"
             )
+
+    @guarded
+    @cached_read
+    async def serving_view(self) -> tuple[VersionRecord | None, ClassMap]:
+        """The current version and today's class map: what a detection needs,
+        in one cached read (one change-counter query) when the cache is on."""
+        return await self.current_version(), await self.snapshot()
 
     async def start_pool(self, **kwargs: Any) -> None:
         """Keep connections open for this event loop (a serving process).

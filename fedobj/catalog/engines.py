@@ -81,6 +81,13 @@ async def _finish(
         raise
 
 
+def _in_transaction(connection: aiosqlite.Connection) -> bool:
+    try:
+        return bool(connection.in_transaction)
+    except ValueError:  # already closed
+        return True
+
+
 async def _close_sqlite(connection: aiosqlite.Connection) -> None:
     """Close the connection; its worker thread ends even when ``close`` fails.
 
@@ -113,6 +120,15 @@ async def _release_postgres(
             connection.terminate()
 
 
+async def _release_sqlite(
+    engine: SQLiteEngine, connection: aiosqlite.Connection
+) -> None:
+    if isinstance(engine, CatalogSQLiteEngine):
+        await engine.release_connection(connection)
+    else:  # pragma: no cover - the catalog builds only CatalogSQLiteEngine
+        await _close_sqlite(connection)
+
+
 class ClosingSQLiteTransaction(SQLiteTransaction):
     """A :class:`SQLiteTransaction` that closes its connection on every path."""
 
@@ -123,7 +139,7 @@ class ClosingSQLiteTransaction(SQLiteTransaction):
         try:
             await self.begin()
         except BaseException:
-            await _close_sqlite(self.connection)
+            await _release_sqlite(self.engine, self.connection)
             raise
         self.context = self.engine.current_transaction.set(self)
         return self
@@ -140,7 +156,7 @@ class ClosingSQLiteTransaction(SQLiteTransaction):
             await _finish(self, exception)
         finally:
             self.engine.current_transaction.reset(self.context)
-            await _close_sqlite(self.connection)
+            await _release_sqlite(self.engine, self.connection)
         return exception is None
 
 
@@ -175,6 +191,11 @@ class ClosingPostgresTransaction(PostgresTransaction):
             await _release_postgres(self.connection, self.engine.pool)
         return exception is None
 
+
+TX_CONNECTIONS_KEPT = 2
+"""Transaction connections a serving process keeps open. SQLite has one writer
+at a time, so two cover a commit and the next one queueing behind it; a
+transaction finding none free opens a connection of its own, as Piccolo does."""
 
 SQLITE_POOL_SIZE = 4
 """Long-lived SQLite connections a serving process keeps for single statements.
@@ -271,6 +292,11 @@ class CatalogSQLiteEngine(SQLiteEngine):
 
     pool: SQLiteStatementPool | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kept: set[aiosqlite.Connection] = set()
+        self._kept_free: list[aiosqlite.Connection] = []
+
     async def start_pool(self, size: int = SQLITE_POOL_SIZE) -> None:
         """Keep ``size`` connections open for statements outside transactions.
 
@@ -283,9 +309,15 @@ class CatalogSQLiteEngine(SQLiteEngine):
             self.pool = pool
 
     async def close_pool(self) -> None:
+        """Close the statement pool and the kept transaction connections (one
+        still in use is closed when its transaction ends)."""
         if self.pool is not None:
             pool, self.pool = self.pool, None
             await pool.close()
+        while self._kept_free:
+            connection = self._kept_free.pop()
+            self._kept.discard(connection)
+            await _close_sqlite(connection)
 
     async def _run_in_new_connection(
         self,
@@ -321,8 +353,36 @@ class CatalogSQLiteEngine(SQLiteEngine):
         )
 
     async def get_connection(self) -> aiosqlite.Connection:
-        """Piccolo's connection set-up, closed again if the set-up fails."""
-        connection = await aiosqlite.connect(**self.connection_kwargs)
+        """A connection for a transaction: a kept one when the pool is open and
+        one is free, else a new one (never waits: no transaction can starve
+        another of connections)."""
+        if self.pool is not None and self._kept_free:
+            return self._kept_free.pop()
+        connection = await self._connect(daemon=self.pool is not None)
+        if self.pool is not None and len(self._kept) < TX_CONNECTIONS_KEPT:
+            self._kept.add(connection)
+        return connection
+
+    async def release_connection(self, connection: aiosqlite.Connection) -> None:
+        """Keep a pooled connection whose transaction ended cleanly; close any
+        other (a connection left inside a transaction is never reused)."""
+        if connection in self._kept:
+            if self.pool is not None and not _in_transaction(connection):
+                self._kept_free.append(connection)
+                return
+            self._kept.discard(connection)
+        await _close_sqlite(connection)
+
+    async def _connect(self, *, daemon: bool) -> aiosqlite.Connection:
+        """Piccolo's connection set-up, closed again if the set-up fails.
+
+        ``daemon``: a kept connection's worker thread must not keep the
+        interpreter alive if nobody closes it (aiosqlite starts it non-daemon;
+        the thread object exists before the connection is awaited).
+        """
+        pending = aiosqlite.connect(**self.connection_kwargs)
+        pending._thread.daemon = daemon
+        connection = await pending
         try:
             # aiosqlite types row_factory as a class; sqlite3 takes any callable
             connection.row_factory = dict_factory  # type: ignore[assignment]

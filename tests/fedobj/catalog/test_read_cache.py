@@ -161,6 +161,7 @@ def test_a_process_that_never_closes_its_pool_still_exits(catalog_url: str) -> N
             catalog = Catalog({catalog_url!r})
             await catalog.start_pool()
             catalog.cache_reads()
+            await catalog.add_category("Shoe")  # a kept transaction connection
             await catalog.list_categories()
             print("read", flush=True)
 
