@@ -2,38 +2,70 @@
 
 For each database kind (a SQLite file, and a fresh PostgreSQL schema) this script
 prepares a temporary outputs folder and catalog (the 10 Fashion-MNIST categories, a
-``cnn`` trained for a few seconds and registered as the current version, API keys),
-starts ``fedobj admin serve --rate-limit 0`` on 127.0.0.1, warms it up (the first
-``/detect`` exports the ONNX model), then offers each endpoint a series of fixed
-request rates and stops the server (SIGTERM, then SIGKILL after a grace period).
+``cnn`` trained for a few seconds and registered as the current version, an
+admin, a viewer and a device key), starts ``fedobj admin serve --rate-limit 0`` on
+127.0.0.1, warms it up (the first ``/detect`` exports the ONNX model), then offers
+each endpoint a series of fixed request rates and stops the server (SIGTERM, then
+SIGKILL after a grace period).
 
     .venv/bin/python simulations/bench/api_load.py                 # both databases
     .venv/bin/python simulations/bench/api_load.py --db sqlite --duration 3
+    .venv/bin/python simulations/bench/api_load.py --baseline HEAD~1 --db sqlite
 
-What is measured. The load is *open-loop*: request ``i`` of a window is sent at
+Endpoints and targets (p95 at the target rate, no failures):
+
+- ``list``: ``GET /api/v1/categories`` (viewer key), 20 ms at 1,000 req/s;
+- ``current``: ``GET /api/v1/versions/current`` (viewer key), 20 ms at 1,000 req/s;
+- ``detect``: ``POST /api/v1/detect``, one of 10 28x28 PNGs (device key), 50 ms
+  at 300 req/s;
+- ``write``: ``POST /api/v1/categories`` with a new name each (admin key), then a
+  second window ``delete`` that hard-deletes every category the first created
+  (``DELETE /api/v1/categories/{id}?hard=true``, ids from the 201 bodies) at the
+  same rate; 50 ms each at 100 req/s. After each window the database is counted
+  (the script's own catalog connection): ``rows_created`` rows carry the window's
+  names, ``lost`` 201s have no row, ``duplicates`` counts repeated names and
+  repeated class indexes, ``audit_rows`` the ``category.create`` (then
+  ``category.delete``) rows naming them, ``rows_left`` what the deletes left. The
+  target also needs one row and one audit row per 201, one audit row per delete and
+  nothing left. Anything left is then deleted without measuring, so the next
+  window starts from the same catalog;
+- ``health``: ``GET /health`` (no key; not run by default): the HTTP stack and a
+  database ping, to calibrate the load generator's own cost.
+
+What is measured. The load is *open-loop*: request ``i`` of a window is due at
 ``t0 + i/R`` whether or not earlier ones have been answered, and its latency runs
-from that scheduled time to the end of its response body, so time spent queued (in
-the client's connection pool, the kernel, the server) counts; a server that falls
-behind shows it in the tail instead of silently receiving fewer requests
-(coordinated omission). Each request is bounded by ``--timeout``. Per (database,
-endpoint, rate) one JSON line on stdout: requests sent, 2xx answers, other answers
-and transport errors, timeouts, achieved rate (2xx per second of the window
-including its drain), latency percentiles over *every* request sent (a failure
-counts at the time it failed), CPU of the load generator, of the server process
-and of the whole machine (``host_cpu_pct``: all cores, so other work on the machine
-shows), each in per cent of one core, and whether p95 met the endpoint's bound with
-no failures. Then one summary line per (database, endpoint). Progress: stderr.
+from that due time to the end of its response body, so time spent queued (in the
+client waiting for a free connection, the kernel, the server) counts; a server
+that falls behind shows it in the tail instead of silently receiving fewer
+requests (coordinated omission). A request unanswered ``--timeout`` after its due
+time is a timeout. Per (database, server, endpoint, rate) one JSON line on stdout:
+requests sent, 2xx answers, other answers and transport errors (``failures`` by
+kind), timeouts, achieved rate (2xx per second of the window including its drain),
+latency percentiles over *every* request sent (a failure counts at the time it
+failed), ``send_lag_p95_ms`` (due time to the write: the client's own queueing), CPU
+of the load generator, of the server process and of the whole machine
+(``host_cpu_pct``: all cores, so other work on the machine shows), each in per cent
+of one core, and whether p95 met the endpoint's bound with no failures. Then one
+summary line per (database, server, endpoint). Progress: stderr.
 
-Requests go round-robin over ``--clients`` httpx clients sharing ``--connections``:
-httpcore assigns queued requests to connections with a scan over all of them, so a
-single pool of 256 under overload burns the load generator's CPU (measured here:
-400 req/s to ``/health`` collapsed into timeouts with one pool, held with 16).
+The load generator (``rawhttp.py`` beside this file) is a raw asyncio HTTP/1.1
+client under uvloop: prebuilt request bytes, ``--connections`` keep-alive
+connections each owned by one worker, a scheduler that queues requests at the
+offered rate. Its CPU, measured against ``health`` (2026-12-07, 2 busy cores):
+0.15 ms a request at 1,000 req/s, 0.3 ms at 200 (wake-ups not shared); httpx, used
+before and now only for warm-up, took 1.4 ms at 200 req/s and fell behind at 400
+with the server at a fifth of a core.
+
+Baseline. ``--baseline REF`` checks REF out into a temporary ``git worktree``
+(removed at the end) and, for each database, runs every window first against a
+server started from that tree (``PYTHONPATH`` and working directory set to it),
+then against this checkout's, on the same prepared database. Each record says
+``"server": "baseline"|"this"`` and ``"ref"`` (a commit id; ``dirty``: this
+checkout has uncommitted changes). Compare servers within one invocation only.
 
 Caveat: load generator and server share this machine's cores (2 on the project's
-benchmark machine). The Python/httpx load generator costs roughly as much CPU per
-request as the server's list endpoint does, so at high rates the two compete and
-the figures are a lower bound on what the server alone could sustain; compare
-``loadgen_cpu_pct`` and ``server_cpu_pct`` before blaming either.
+benchmark machine); compare ``loadgen_cpu_pct`` and ``server_cpu_pct`` before
+blaming either.
 """
 
 from __future__ import annotations
@@ -44,27 +76,36 @@ import io
 import json
 import os
 import resource
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
-from contextlib import AsyncExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+from rawhttp import Pool, Request, Window, build_request
+from rawhttp import run as run_async
 
 from fedobj.adminproc import AdminProcess, serve_admin
+from fedobj.catalog import CategoryRecord, SyncCatalog
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_FMNIST = ROOT / "tests" / "fixtures" / "fashion-mnist"
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 API = "/api/v1"
+# Audit actions the catalog writes (fedobj/catalog/categories.py).
+AUDIT_CREATE = "category.create"
+AUDIT_DELETE = "category.delete"
 
 
 @dataclass(frozen=True)
@@ -74,20 +115,32 @@ class Endpoint:
     name: str
     method: str
     path: str
-    role: str
+    role: str | None  # the key it is called with; None: no key
     default_rates: tuple[float, ...]
     target_p95_ms: float
     target_rate: float  # the rate at which target_p95_ms is the stated goal
 
 
+LIST_RATES = (250, 500, 1000, 1500)
 ENDPOINTS = {
     "list": Endpoint(
-        "list", "GET", f"{API}/categories", "viewer", (50, 100, 200, 400), 20.0, 200
+        "list", "GET", f"{API}/categories", "viewer", LIST_RATES, 20.0, 1000
+    ),
+    "current": Endpoint(
+        "current", "GET", f"{API}/versions/current", "viewer", LIST_RATES, 20.0, 1000
     ),
     "detect": Endpoint(
-        "detect", "POST", f"{API}/detect", "device", (25, 50, 100), 50.0, 50
+        "detect", "POST", f"{API}/detect", "device", (100, 200, 300, 400), 50.0, 300
     ),
+    "write": Endpoint(
+        "write", "POST", f"{API}/categories", "admin", (50, 100, 200), 50.0, 100
+    ),
+    "health": Endpoint("health", "GET", "/health", None, LIST_RATES, 20.0, 1000),
 }
+# The second window of "write"; it runs at write's rates.
+DELETE = Endpoint(
+    "delete", "DELETE", f"{API}/categories/{{id}}?hard=true", "admin", (), 50.0, 100
+)
 
 
 def log(msg: str) -> None:
@@ -177,7 +230,7 @@ def database(kind: str, tmp: Path, pg_admin: str) -> Iterator[str]:
     async def admin(sql: str) -> None:
         conn = await asyncpg.connect(pg_admin, timeout=5)
         try:
-            await conn.execute(sql)
+            await conn.execute(sql, timeout=60)
         finally:
             await conn.close()
 
@@ -196,7 +249,6 @@ def prepare_catalog(
 ) -> dict[str, str]:
     """Migrate, seed, register the trained version; return a token per role."""
     from fedobj.apikeys import hash_token, load_secret, new_token
-    from fedobj.catalog import SyncCatalog
     from fedobj.model.checkpoint import Checkpoint
     from fedobj.model.factory import ModelArgs
     from fedobj.registry import ArtifactStore
@@ -222,7 +274,7 @@ def prepare_catalog(
     )
     secret = load_secret(outputs / "api-secret")
     keys = {}
-    for role in ("viewer", "device"):
+    for role in ("admin", "viewer", "device"):
         key = new_token()
         catalog.create_api_key(
             key.key_id, hash_token(secret, key.token), role, f"api_load {role}"
@@ -231,19 +283,105 @@ def prepare_catalog(
     return keys
 
 
-# ------------------------------------------------------------------ server
+# ------------------------------------------------------------------ servers
 
 
-Server = AdminProcess
+@dataclass(frozen=True)
+class Tree:
+    """Where a server's code comes from: this checkout or a baseline worktree."""
+
+    label: str  # "this" | "baseline"
+    path: Path
+    ref: str  # commit id
+    dirty: bool  # uncommitted changes (this checkout only)
+
+
+def git(*argv: str) -> str:
+    done = subprocess.run(
+        ["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"git {' '.join(argv)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def this_tree() -> Tree:
+    dirty = bool(git("--no-optional-locks", "status", "-s"))  # no index refresh
+    return Tree("this", ROOT, git("rev-parse", "HEAD"), dirty)
 
 
 @contextmanager
-def serve(url: str, outputs: Path, grace_s: float) -> Iterator[Server]:
-    """``fedobj admin serve`` on a free port; always stopped (TERM, then KILL)."""
-    with serve_admin(outputs, url, cwd=ROOT, stop_grace_s=grace_s) as server:
-        log(f"server pid {server.proc.pid} on {server.base_url}")
+def baseline_tree(ref: str) -> Iterator[Tree]:
+    """``ref`` checked out in a temporary worktree, always removed afterwards."""
+    sha = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    tmp = Path(tempfile.mkdtemp(prefix="fedobj-api-load-baseline-"))
+    path = tmp / "tree"
+    try:
+        git("worktree", "add", "--detach", str(path), sha)
+        log(f"baseline {ref} = {sha[:12]} checked out at {path}")
+        yield Tree("baseline", path, sha, False)
+    finally:
+        try:
+            git("worktree", "remove", "--force", str(path))
+            log(f"removed worktree {path}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tree_env(tree: Tree) -> dict[str, str]:
+    """Environment that makes ``fedobj`` and ``admin_api`` import from ``tree``.
+
+    The editable install's finder comes after ``sys.path`` entries, so a
+    ``PYTHONPATH`` entry wins for the baseline; this checkout needs nothing.
+    """
+    if tree.path == ROOT:
+        return {}
+    return {
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(tree.path), os.environ.get("PYTHONPATH")])
+        )
+    }
+
+
+def check_imports(tree: Tree) -> None:
+    """Refuse to measure a server whose packages would not come from ``tree``."""
+    code = "import admin_api, fedobj; print(admin_api.__file__); print(fedobj.__file__)"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tree.path,
+        env={**os.environ, **tree_env(tree)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    files = done.stdout.split()
+    if done.returncode != 0 or not all(
+        Path(f).is_relative_to(tree.path) for f in files
+    ):
+        raise RuntimeError(
+            f"{tree.label} server would import {files or done.stderr.strip()}, "
+            f"not from {tree.path}"
+        )
+
+
+@contextmanager
+def serve(
+    url: str, outputs: Path, grace_s: float, tree: Tree
+) -> Iterator[AdminProcess]:
+    """``fedobj admin serve`` from ``tree`` on a free port; always stopped."""
+    check_imports(tree)
+    stack = ExitStack()
+    # serve_admin takes no env=; it copies os.environ as it starts the process.
+    with mock.patch.dict(os.environ, tree_env(tree)):
+        server = stack.enter_context(
+            serve_admin(outputs, url, cwd=tree.path, stop_grace_s=grace_s)
+        )
+    try:
+        log(f"{tree.label} server pid {server.proc.pid} on {server.base_url}")
         yield server
-    log(f"server pid {server.proc.pid} stopped (exit {server.proc.returncode})")
+    finally:
+        stack.close()
+        log(f"server pid {server.proc.pid} stopped (exit {server.proc.returncode})")
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -260,90 +398,13 @@ def host_busy_s() -> float:
     return (sum(values[:8]) - idle) / CLK_TCK
 
 
-def self_cpu_s() -> float:
+def cpu_now(pid: int) -> np.ndarray:
+    """CPU seconds so far: this process, the server, the whole machine."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+    return np.array([ru.ru_utime + ru.ru_stime, proc_cpu_s(pid), host_busy_s()])
 
 
 # ------------------------------------------------------------------ load
-
-
-@dataclass
-class Request:
-    """What one request sends; the body (if any) is prebuilt."""
-
-    method: str
-    url: str
-    headers: dict[str, str]
-    content: bytes | None = None
-
-
-@dataclass
-class Window:
-    """Outcomes of one rate window."""
-
-    latencies_s: list[float] = field(default_factory=list)
-    ok: int = 0
-    errors: int = 0
-    timeouts: int = 0
-    kinds: Counter[str] = field(default_factory=Counter)
-
-
-async def _one(
-    client: httpx.AsyncClient,
-    req: Request,
-    scheduled: float,
-    timeout_s: float,
-    out: Window,
-) -> None:
-    outcome = "ok"
-    try:
-        async with asyncio.timeout(timeout_s):
-            resp = await client.request(
-                req.method, req.url, headers=req.headers, content=req.content
-            )
-        if not 200 <= resp.status_code < 300:
-            outcome = f"HTTP {resp.status_code}"
-    except (TimeoutError, httpx.TimeoutException):
-        outcome = "timeout"
-    except httpx.HTTPError as exc:
-        outcome = type(exc).__name__
-    out.latencies_s.append(time.perf_counter() - scheduled)
-    if outcome == "ok":
-        out.ok += 1
-    elif outcome == "timeout":
-        out.timeouts += 1
-    else:
-        out.errors += 1
-        out.kinds[outcome] += 1
-
-
-async def open_loop(
-    clients: list[httpx.AsyncClient],
-    requests: list[Request],
-    rate: float,
-    count: int,
-    timeout_s: float,
-) -> tuple[Window, float]:
-    """Send ``count`` requests at ``rate``/s on a fixed schedule; wait for all.
-
-    A task is created at each scheduled time (late if this loop is starved, in a
-    burst to catch up) and never waits for earlier answers; requests go round-robin
-    over ``clients``. Returns the outcomes and the wall time from the first
-    scheduled send to the last answer.
-    """
-    out = Window()
-    tasks: list[asyncio.Task[None]] = []
-    t0 = time.perf_counter() + 0.05
-    for i in range(count):
-        due = t0 + i / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        req, client = requests[i % len(requests)], clients[i % len(clients)]
-        tasks.append(asyncio.create_task(_one(client, req, due, timeout_s, out)))
-    await asyncio.gather(*tasks)
-    return out, time.perf_counter() - t0
 
 
 def percentile_ms(sorted_s: np.ndarray, q: float) -> float | None:
@@ -352,83 +413,215 @@ def percentile_ms(sorted_s: np.ndarray, q: float) -> float | None:
     return round(float(np.percentile(sorted_s, q)) * 1000, 2)
 
 
-async def measure(
-    server: Server,
-    db: str,
+async def load_window(
+    server: AdminProcess,
+    requests: list[Request],
+    rate: float,
+    count: int,
+    args: argparse.Namespace,
+) -> tuple[Window, np.ndarray]:
+    """One window on fresh keep-alive connections; its outcomes and CPU seconds."""
+    where = urlsplit(server.base_url)
+    async with Pool(
+        where.hostname or "127.0.0.1", where.port or 80, args.connections
+    ) as pool:
+        before = cpu_now(server.proc.pid)
+        window = await pool.open_loop(requests, rate, count, args.timeout)
+        return window, cpu_now(server.proc.pid) - before
+
+
+def measure(
+    server: AdminProcess,
+    labels: dict[str, object],
     endpoint: Endpoint,
     requests: list[Request],
+    rate: float,
+    count: int,
+    args: argparse.Namespace,
+) -> tuple[dict[str, object], Window]:
+    """One rate window; its record (not yet printed) and outcomes."""
+    who = f"{labels['db']} {labels['server']} {endpoint.name}"
+    log(f"{who}: {count} requests at {rate:g}/s")
+    window, cpu = run_async(load_window(server, requests, rate, count, args))
+    if window.kinds:
+        log(f"  failures: {dict(window.kinds)}")
+    wall = window.wall_s
+    lat = np.sort(np.asarray(window.latencies_s))
+    p95 = percentile_ms(lat, 95)
+    record: dict[str, object] = {
+        "bench": "api_load",
+        **labels,
+        "endpoint": endpoint.name,
+        "offered_rps": rate,
+        "sent": count,
+        "ok": window.ok,
+        "errors": window.errors,
+        "timeouts": window.timeouts,
+        "failures": dict(window.kinds),
+        "achieved_rps": round(window.ok / wall, 1),
+        "p50_ms": percentile_ms(lat, 50),
+        "p95_ms": p95,
+        "p99_ms": percentile_ms(lat, 99),
+        "max_ms": percentile_ms(lat, 100),
+        "send_lag_p95_ms": percentile_ms(np.sort(np.asarray(window.send_lag_s)), 95),
+        "loadgen_cpu_pct": round(100 * cpu[0] / wall, 1),
+        "server_cpu_pct": round(100 * cpu[1] / wall, 1),
+        "host_cpu_pct": round(100 * cpu[2] / wall, 1),
+        "target_p95_ms": endpoint.target_p95_ms,
+        "meets_target": p95 is not None
+        and p95 < endpoint.target_p95_ms
+        and window.errors == 0
+        and window.timeouts == 0,
+    }
+    return record, window
+
+
+def between_windows(
+    server: AdminProcess, record: dict[str, object], pause_s: float
+) -> None:
+    print(json.dumps(record), flush=True)
+    server.check_alive()
+    time.sleep(pause_s)
+
+
+def window_count(rate: float, args: argparse.Namespace) -> int:
+    return max(1, min(int(rate * args.duration), int(args.max_requests)))
+
+
+def auth(keys: dict[str, str], endpoint: Endpoint) -> dict[str, str]:
+    if endpoint.role is None:
+        return {}
+    return {"Authorization": f"Bearer {keys[endpoint.role]}"}
+
+
+def read_windows(
+    server: AdminProcess,
+    labels: dict[str, object],
+    endpoint: Endpoint,
+    keys: dict[str, str],
+    bodies: list[tuple[bytes, str]],
     rates: list[float],
     args: argparse.Namespace,
 ) -> list[dict[str, object]]:
-    """All rate windows of one endpoint; prints and returns one record each."""
-    per_client = max(1, args.connections // args.clients)
-    limits = httpx.Limits(
-        max_connections=per_client, max_keepalive_connections=per_client
-    )
-    records: list[dict[str, object]] = []
-    async with AsyncExitStack() as stack:
-        clients = [
-            await stack.enter_async_context(
-                httpx.AsyncClient(
-                    base_url=server.base_url,
-                    http2=False,
-                    limits=limits,
-                    timeout=httpx.Timeout(args.timeout),
-                )
+    """All rate windows of a read endpoint (or ``detect``)."""
+    host = urlsplit(server.base_url).netloc
+    headers = auth(keys, endpoint)
+    if endpoint.name == "detect":
+        requests = [
+            build_request(
+                "POST", endpoint.path, host, {**headers, "Content-Type": ct}, b
             )
-            for _ in range(args.clients)
+            for b, ct in bodies
         ]
-        for rate in rates:
-            count = max(1, min(int(rate * args.duration), args.max_requests))
-            log(f"{db} {endpoint.name}: {count} requests at {rate:g}/s")
-            cpu_self, cpu_server = self_cpu_s(), proc_cpu_s(server.proc.pid)
-            cpu_host = host_busy_s()
-            window, wall = await open_loop(clients, requests, rate, count, args.timeout)
-            cpu_self = self_cpu_s() - cpu_self
-            cpu_server = proc_cpu_s(server.proc.pid) - cpu_server
-            cpu_host = host_busy_s() - cpu_host
-            if window.kinds:
-                log(f"  failures: {dict(window.kinds)}")
-            lat = np.sort(np.asarray(window.latencies_s))
-            p95 = percentile_ms(lat, 95)
-            record: dict[str, object] = {
-                "bench": "api_load",
-                "db": db,
-                "endpoint": endpoint.name,
-                "offered_rps": rate,
-                "sent": count,
-                "ok": window.ok,
-                "errors": window.errors,
-                "timeouts": window.timeouts,
-                "achieved_rps": round(window.ok / wall, 1),
-                "p50_ms": percentile_ms(lat, 50),
-                "p95_ms": p95,
-                "p99_ms": percentile_ms(lat, 99),
-                "max_ms": percentile_ms(lat, 100),
-                "loadgen_cpu_pct": round(100 * cpu_self / wall, 1),
-                "server_cpu_pct": round(100 * cpu_server / wall, 1),
-                "host_cpu_pct": round(100 * cpu_host / wall, 1),
-                "target_p95_ms": endpoint.target_p95_ms,
-                "meets_target": p95 is not None
-                and p95 < endpoint.target_p95_ms
-                and window.errors == 0
-                and window.timeouts == 0,
-            }
-            print(json.dumps(record), flush=True)
-            records.append(record)
-            server.check_alive()
-            await asyncio.sleep(args.pause)
+    else:
+        requests = [build_request(endpoint.method, endpoint.path, host, headers)]
+    records = []
+    for rate in rates:
+        record, _ = measure(
+            server, labels, endpoint, requests, rate, window_count(rate, args), args
+        )
+        between_windows(server, record, args.pause)
+        records.append(record)
     return records
 
 
-def summary(db: str, endpoint: Endpoint, records: list[dict[str, object]]) -> None:
+def tagged(catalog: SyncCatalog, tag: str, limit: int) -> list[CategoryRecord]:
+    """Categories named by one write window (``load <tag> <i>``)."""
+    return catalog.list_categories(search=f"load {tag} ", limit=limit)
+
+
+def audited(catalog: SyncCatalog, action: str, targets: set[str], limit: int) -> int:
+    """Audit rows of ``action`` naming one of ``targets`` (newest ``limit`` read)."""
+    rows = catalog.list_audit(action=action, limit=limit)
+    return sum(1 for r in rows if r.target in targets)
+
+
+def write_windows(
+    server: AdminProcess,
+    labels: dict[str, object],
+    keys: dict[str, str],
+    url: str,
+    rate: float,
+    args: argparse.Namespace,
+) -> tuple[dict[str, object], dict[str, object]]:
+    """Create categories at ``rate``, count them, delete them at ``rate``, count.
+
+    Returns the ``write`` and ``delete`` records, already printed.
+    """
+    endpoint = ENDPOINTS["write"]
+    host = urlsplit(server.base_url).netloc
+    headers = {**auth(keys, endpoint), "Content-Type": "application/json"}
+    tag = uuid.uuid4().hex[:8]
+    count = window_count(rate, args)
+    limit = 2 * count + 100  # enough to see any duplicate
+    requests = [
+        build_request(
+            "POST",
+            endpoint.path,
+            host,
+            headers,
+            json.dumps({"name": f"load {tag} {i}", "description": ""}).encode(),
+            keep_body=True,
+        )
+        for i in range(count)
+    ]
+    write, window = measure(server, labels, endpoint, requests, rate, count, args)
+    acked = {
+        str(json.loads(body)["id"]) for status, body in window.bodies if status == 201
+    }
+    catalog = SyncCatalog(url)
+    rows = tagged(catalog, tag, limit)
+    everything = catalog.list_categories(limit=1_000_000)
+    ids = {str(r.id) for r in rows}
+    write.update(
+        rows_created=len(rows),
+        lost=len(acked - ids),
+        duplicates=(len(rows) - len({r.name.casefold() for r in rows}))
+        + (len(everything) - len({r.class_index for r in everything})),
+        audit_rows=audited(catalog, AUDIT_CREATE, ids | acked, limit),
+    )
+    write["meets_target"] = bool(
+        write["meets_target"]
+        and write["rows_created"] == len(acked) == window.ok
+        and write["lost"] == write["duplicates"] == 0
+        and write["audit_rows"] == len(acked)
+    )
+    between_windows(server, write, args.pause)
+
+    delete_headers = auth(keys, DELETE)
+    deletes = [
+        build_request("DELETE", DELETE.path.format(id=i), host, delete_headers)
+        for i in sorted(acked)
+    ]
+    delete, window = measure(server, labels, DELETE, deletes, rate, len(deletes), args)
+    left = tagged(catalog, tag, limit)
+    delete.update(
+        rows_left=len(left),
+        audit_rows=audited(catalog, AUDIT_DELETE, ids | acked, limit),
+    )
+    delete["meets_target"] = bool(
+        delete["meets_target"]
+        and delete["rows_left"] == 0
+        and delete["audit_rows"] == window.ok == len(acked)
+    )
+    for row in left:  # unmeasured: the next window starts from the same catalog
+        catalog.delete_category(row.id)
+    if left:
+        log(f"  deleted {len(left)} left-over categories")
+    between_windows(server, delete, args.pause)
+    return write, delete
+
+
+def summary(
+    labels: dict[str, object], endpoint: Endpoint, records: list[dict[str, object]]
+) -> None:
     meeting = [float(r["offered_rps"]) for r in records if r["meets_target"]]  # type: ignore[arg-type]
     at_target = [r for r in records if r["offered_rps"] == endpoint.target_rate]
     print(
         json.dumps(
             {
                 "bench": "api_load_summary",
-                "db": db,
+                **labels,
                 "endpoint": endpoint.name,
                 "max_rate_meeting_target": max(meeting) if meeting else None,
                 "target": f"{endpoint.name} p95 < {endpoint.target_p95_ms:g} ms at "
@@ -441,10 +634,11 @@ def summary(db: str, endpoint: Endpoint, records: list[dict[str, object]]) -> No
 
 
 def warm_up(
-    server: Server, keys: dict[str, str], detect_body: tuple[bytes, str]
+    server: AdminProcess, keys: dict[str, str], detect_body: tuple[bytes, str]
 ) -> None:
     """First ``/detect`` exports the ONNX model (seconds); then a few of each."""
     viewer = {"Authorization": f"Bearer {keys['viewer']}"}
+    admin = {"Authorization": f"Bearer {keys['admin']}"}
     device = {
         "Authorization": f"Bearer {keys['device']}",
         "Content-Type": detect_body[1],
@@ -456,9 +650,14 @@ def warm_up(
             raise RuntimeError(f"warm-up /detect: {first.status_code} {first.text}")
         log(f"first /detect (ONNX export) took {time.perf_counter() - t:.2f} s")
         for _ in range(20):
-            r = http.get(f"{API}/categories", headers=viewer)
-            if r.status_code != 200:
-                raise RuntimeError(f"warm-up list: {r.status_code} {r.text}")
+            for path, headers in (
+                (f"{API}/categories", viewer),
+                (f"{API}/versions/current", viewer),
+                (f"{API}/categories", admin),
+            ):
+                r = http.get(path, headers=headers)
+                if r.status_code != 200:
+                    raise RuntimeError(f"warm-up {path}: {r.status_code} {r.text}")
         for _ in range(10):
             http.post(f"{API}/detect", content=detect_body[0], headers=device)
 
@@ -484,6 +683,7 @@ def run_db(
     state: dict[str, object],
     pngs: list[bytes],
     rates: dict[str, list[float]],
+    trees: list[Tree],
     args: argparse.Namespace,
 ) -> None:
     with (
@@ -495,22 +695,29 @@ def run_db(
         keys = prepare_catalog(url, outputs, state)
         log(f"{kind}: catalog ready at {url}")
         bodies = [multipart("image", f"{i}.png", p) for i, p in enumerate(pngs)]
-        with serve(url, outputs, args.grace) as server:
-            warm_up(server, keys, bodies[0])
-            for name in args.endpoints:
-                endpoint = ENDPOINTS[name]
-                auth = {"Authorization": f"Bearer {keys[endpoint.role]}"}
-                if name == "detect":
-                    requests = [
-                        Request("POST", endpoint.path, {**auth, "Content-Type": ct}, b)
-                        for b, ct in bodies
+        for tree in trees:
+            labels: dict[str, object] = {
+                "db": kind,
+                "server": tree.label,
+                "ref": tree.ref,
+                "dirty": tree.dirty,
+            }
+            with serve(url, outputs, args.grace, tree) as server:
+                warm_up(server, keys, bodies[0])
+                for name in args.endpoints:
+                    endpoint = ENDPOINTS[name]
+                    if name != "write":
+                        records = read_windows(
+                            server, labels, endpoint, keys, bodies, rates[name], args
+                        )
+                        summary(labels, endpoint, records)
+                        continue
+                    pairs = [
+                        write_windows(server, labels, keys, url, rate, args)
+                        for rate in rates[name]
                     ]
-                else:
-                    requests = [Request("GET", endpoint.path, auth)]
-                records = asyncio.run(
-                    measure(server, kind, endpoint, requests, rates[name], args)
-                )
-                summary(kind, endpoint, records)
+                    summary(labels, endpoint, [w for w, _ in pairs])
+                    summary(labels, DELETE, [d for _, d in pairs])
 
 
 def main() -> None:
@@ -518,9 +725,10 @@ def main() -> None:
         description=__doc__.split("\n\n")[0],
         epilog="Latency runs from each request's scheduled send time to the end of "
         "its response; percentiles are over every request sent. meets_target: "
-        "p95 under the bound (list 20 ms, detect 50 ms) and no errors or timeouts. "
-        "The load generator shares the CPU with the server: read the *_cpu_pct "
-        "fields before reading the latencies.",
+        "p95 under the bound (list and current 20 ms, detect, write and delete "
+        "50 ms) and no errors or timeouts (write and delete: and the rows and audit "
+        "rows counted afterwards match the answers). The load generator shares the "
+        "CPU with the server: read the *_cpu_pct fields before the latencies.",
     )
     ap.add_argument(
         "--db",
@@ -536,9 +744,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--endpoints",
-        default="list,detect",
-        help="comma-separated, from: list (GET /api/v1/categories, viewer key), "
-        "detect (POST /api/v1/detect, one 28x28 PNG, device key); default %(default)s",
+        default="list,current,detect,write",
+        help="comma-separated, from: list (GET /api/v1/categories), current "
+        "(GET /api/v1/versions/current), detect (POST /api/v1/detect, one 28x28 "
+        "PNG), write (POST /api/v1/categories, then a delete window removing "
+        "them), health (GET /health); default %(default)s",
     )
     ap.add_argument(
         "--rates",
@@ -546,7 +756,16 @@ def main() -> None:
         default=[],
         metavar="ENDPOINT=R1,R2,...",
         help="offered rates in requests/s for one endpoint (repeatable); defaults: "
-        "list=50,100,200,400 detect=25,50,100",
+        + " ".join(
+            f"{n}={','.join(f'{r:g}' for r in e.default_rates)}"
+            for n, e in ENDPOINTS.items()
+        ),
+    )
+    ap.add_argument(
+        "--baseline",
+        metavar="GIT_REF",
+        help="also measure a server run from this commit (a temporary git "
+        "worktree), before this checkout's, on the same database",
     )
     ap.add_argument(
         "--duration", type=float, default=10.0, help="seconds per rate (default 10)"
@@ -554,28 +773,21 @@ def main() -> None:
     ap.add_argument(
         "--max-requests",
         type=int,
-        default=4000,
+        default=20000,
         help="at most this many requests per rate (default %(default)s)",
     )
     ap.add_argument(
         "--timeout",
         type=float,
         default=10.0,
-        help="per-request limit in seconds, counted as a timeout (default 10)",
+        help="per-request limit in seconds from its scheduled time, counted as a "
+        "timeout (default 10)",
     )
     ap.add_argument(
         "--connections",
         type=int,
-        default=256,
-        help="client connections in all (default %(default)s)",
-    )
-    ap.add_argument(
-        "--clients",
-        type=int,
-        default=16,
-        help="httpx.AsyncClient instances sharing --connections, requests "
-        "round-robin: one pool of 256 spends the load generator's CPU finding "
-        "connections once requests queue (default %(default)s)",
+        default=64,
+        help="keep-alive client connections (default %(default)s)",
     )
     ap.add_argument(
         "--pause",
@@ -615,8 +827,12 @@ def main() -> None:
     t0 = time.perf_counter()
     state = train_state(args.train_images, args.train_epochs)
     pngs = test_pngs()
-    for kind in args.db or ["sqlite", "postgres"]:
-        run_db(kind, state, pngs, rates, args)
+    with ExitStack() as stack:
+        trees = [this_tree()]
+        if args.baseline:
+            trees.insert(0, stack.enter_context(baseline_tree(args.baseline)))
+        for kind in args.db or ["sqlite", "postgres"]:
+            run_db(kind, state, pngs, rates, trees, args)
     log(f"done in {time.perf_counter() - t0:.0f} s")
 
 
