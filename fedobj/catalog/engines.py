@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
@@ -423,6 +423,57 @@ class CatalogSQLiteEngine(SQLiteEngine):
         return connection
 
 
+class CounterReader:
+    """Reads the change counter on one connection, one query at a time.
+
+    A caller arriving while a read is in flight waits for the *next* read,
+    which starts as soon as the current one ends: every caller gets a value
+    read after it asked (never an older one), and under load one query answers
+    all the requests that arrived during the previous one.
+    """
+
+    def __init__(
+        self, connect: Callable[[], Awaitable[asyncpg.Connection[Any]]]
+    ) -> None:
+        self._connect = connect
+        self._connection: asyncpg.Connection[Any] | None = None
+        self._next: asyncio.Future[int] | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def read(self) -> int:
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        waiting = self._next
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read_while_asked())
+        return await asyncio.shield(waiting)
+
+    async def _read_while_asked(self) -> None:
+        while self._next is not None:
+            answer, self._next = self._next, None  # later callers: next read
+            try:
+                if self._connection is None or self._connection.is_closed():
+                    self._connection = await self._connect()
+                value = await self._connection.fetchval(CHANGES_SQL)
+            except Exception as exc:
+                await self._drop()
+                answer.set_exception(exc)
+                answer.exception()  # retrieved here if every caller went away
+            else:
+                answer.set_result(int(value or 0))
+
+    async def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await _release_postgres(connection, None)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await self._reader
+        await self._drop()
+
+
 class CatalogPostgresEngine(PostgresEngine):
     """asyncpg engine that connects lazily and always gives connections back.
 
@@ -437,16 +488,27 @@ class CatalogPostgresEngine(PostgresEngine):
     async def prep_database(self) -> None:
         """No extensions needed: ``gen_random_uuid()`` is built in since PG 13."""
 
+    _counter: CounterReader | None = None
+
     async def change_count(self) -> int:
-        """The catalog's change counter (see :data:`CHANGES_SQL`), read without
-        Piccolo's query building: the admin API asks on every cached read."""
+        """The catalog's change counter (see :data:`CHANGES_SQL`).
+
+        With the pool open, on a connection of its own (:class:`CounterReader`):
+        a pooled read paid a second round trip for the pool's reset on release.
+        """
         if self.pool is not None:
-            async with self.pool.acquire() as connection:
-                value = await connection.fetchval(CHANGES_SQL)
-        else:
-            rows = await self._run_in_new_connection(CHANGES_SQL)
-            value = rows[0]["value"] if rows else 0
-        return int(value or 0)
+            if self._counter is None:
+                self._counter = CounterReader(self.get_new_connection)
+            return await self._counter.read()
+        rows = await self._run_in_new_connection(CHANGES_SQL)
+        return int(rows[0]["value"]) if rows else 0
+
+    async def close_connection_pool(self) -> None:
+        """Close the pool and the change counter's connection."""
+        counter, self._counter = self._counter, None
+        if counter is not None:
+            await counter.close()
+        await super().close_connection_pool()
 
     def transaction(self, allow_nested: bool = True) -> PostgresTransaction:
         """Like Piccolo's, but the transaction releases what it acquired."""
