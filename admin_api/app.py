@@ -30,11 +30,7 @@ from admin_api.console.session import SessionCodec
 from admin_api.detection_log import DetectionLog
 from admin_api.problems import EXCEPTION_HANDLERS
 from admin_api.routes.categories import CategoryController
-from admin_api.routes.common import (
-    provide_catalog,
-    provide_detection_log,
-    provide_server,
-)
+from admin_api.routes.common import provide_catalog, provide_server
 from admin_api.routes.detect import detect_controller
 from admin_api.routes.runs import NodeController, RunController
 from admin_api.routes.system import (
@@ -120,7 +116,6 @@ def create_app(settings: ApiSettings | None = None) -> Litestar:
         dependencies={
             "catalog": Provide(provide_catalog, sync_to_thread=False),
             "model_server": Provide(provide_server, sync_to_thread=False),
-            "detection_log": Provide(provide_detection_log, sync_to_thread=False),
         },
         state=State(
             {

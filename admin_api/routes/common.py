@@ -9,7 +9,6 @@ from litestar.di import NamedDependency
 from litestar.params import Parameter
 
 from admin_api.auth import Principal
-from admin_api.detection_log import DetectionLog
 from fedobj.catalog import Catalog
 from fedobj.serving import ModelServer
 
@@ -20,8 +19,6 @@ CatalogDep = NamedDependency[Catalog]
 """The app's async catalog, injected by name (``catalog``)."""
 ServerDep = NamedDependency[ModelServer]
 """The app's :class:`ModelServer`, injected by name (``model_server``)."""
-DetectionLogDep = NamedDependency[DetectionLog]
-"""Where answered detections are stored (group commits), by name."""
 
 Limit = Annotated[
     int, Parameter(ge=1, le=MAX_PAGE, description=f"page size (1-{MAX_PAGE})")
@@ -39,12 +36,6 @@ def provide_server(state: State) -> ModelServer:
     """The app's model server (artifacts, exports, predictors)."""
     server: ModelServer = state.model_server
     return server
-
-
-def provide_detection_log(state: State) -> DetectionLog:
-    """The app's detection history writer."""
-    detection_log: DetectionLog = state.detection_log
-    return detection_log
 
 
 def actor_of(user: object) -> str:
