@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
+from fedobj.superlink import no_runtime_install
+
 STARTED = re.compile(r"Successfully started run (\d+)")
 # what our ServerApp logs on the way down ("ERROR fedobj: <message>"), and
 # Flower's own error lines; ANSI colour codes are stripped first
@@ -148,7 +150,13 @@ def launch(
     echo: TextIO | None = sys.stdout,
 ) -> RunOutcome:
     """Run ``flwr run <flwr_args> --stream``, echo its output, and say how the
-    run ended (never another run's end: the id is the one Flower printed)."""
+    run ended (never another run's end: the id is the one Flower printed).
+
+    ``flwr run`` starts a local SuperLink itself when none answers, in its own
+    environment: that SuperLink too gets no per-run dependency installation
+    (:func:`fedobj.superlink.no_runtime_install`).
+    """
+    env = no_runtime_install(env)
     cmd = ["flwr", "run", *flwr_args]
     if "--stream" not in cmd:
         cmd.append("--stream")

@@ -10,6 +10,12 @@ accountant is rebuilt from the whole history, so ``resume=true`` or a new run
 never resets epsilon. The history is what a reply reports, so anyone can
 recompute the epsilon independently.
 
+A simulated device (a partition of a shared data set, ``sim-<N>``) is no device
+that outlives its run: a new simulation is a new set of virtual devices, so their
+ledgers are kept per run (``privacy/runs/<scope>/``), and ``resume=true``
+continues those of the run it resumes. Without that, every DP simulation on a
+machine spent the same ten virtual devices' budgets.
+
 This module is the accountant's memory only (issue 5); DP-SGD itself runs in the
 training loop.
 """
@@ -19,14 +25,18 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from fedobj import keys
 from fedobj.errors import ConfigError, FedObjError
 
 ACCOUNTANT = "rdp"
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+LEDGER_SCOPE_RECORD = "fedobj-dp-ledger-scope"
+"""Kept in a run row's config: the scope of its simulated devices' ledgers."""
 
 
 class PrivacyLedgerError(FedObjError):
@@ -50,16 +60,25 @@ class PrivacyLedger:
     history: list[Spend] = field(default_factory=list)
 
     @classmethod
-    def load(cls, directory: str | Path, device_id: str) -> PrivacyLedger:
+    def load(
+        cls, directory: str | Path, device_id: str, scope: str | None = None
+    ) -> PrivacyLedger:
         """The ledger of ``device_id`` (empty if the device never trained with DP).
 
-        Raises :class:`PrivacyLedgerError` for a file that exists but cannot be
-        read: losing the history would silently reset the budget.
+        ``scope`` (:func:`device_ledger_scope`): None for a real device's own
+        ledger, else the run whose virtual devices these are. Raises
+        :class:`PrivacyLedgerError` for a file that exists but cannot be read:
+        losing the history would silently reset the budget.
         """
         if not device_id.strip():
             raise PrivacyLedgerError("a device id is needed to keep a DP budget")
         name = _SAFE_ID.sub("_", device_id.strip())
-        path = Path(directory) / "privacy" / f"{name}.json"
+        folder = Path(directory) / "privacy"
+        if scope is not None:
+            if not scope.strip():
+                raise PrivacyLedgerError("an empty ledger scope")
+            folder = folder / "runs" / _SAFE_ID.sub("_", scope.strip())
+        path = folder / f"{name}.json"
         if not path.exists():
             return cls(path)
         try:
@@ -118,6 +137,38 @@ class PrivacyLedger:
             )
         )
         os.replace(tmp, self.path)
+
+
+def device_ledger_scope(
+    node_config: Mapping[str, Any], sent: object, run_id: int
+) -> str | None:
+    """Which ledgers a device spends: None for a device of its own (node config
+    ``device-id``: one ledger for every run, wherever it is), else, for a
+    simulated one (``partition-id``), the scope the server ``sent``
+    (``keys.DP_LEDGER_SCOPE``, :func:`run_ledger_scope`), or this run's id."""
+    if node_config.get(keys.NODE_DEVICE_ID):
+        return None
+    if keys.NODE_PARTITION_ID not in node_config:
+        return None  # no identity at all: the device declines DP
+    return str(sent) if sent else str(run_id)
+
+
+class _Runs(Protocol):
+    def get_run(self, run_id: str) -> Any: ...
+
+
+def run_ledger_scope(runs: _Runs, run_id: str, resumed_run: str | None) -> str:
+    """The scope a run's simulated devices spend: its own (``run_id``: new
+    devices, unspent budgets), or, resuming ``resumed_run``, the one that run
+    recorded in its row (:data:`LEDGER_SCOPE_RECORD`; it may have resumed an
+    earlier run), else that run's id. ``runs`` is the catalog."""
+    if resumed_run is None:
+        return run_id
+    try:
+        recorded = runs.get_run(resumed_run).config
+    except LookupError:  # the catalog's NotFoundError: no row, its own id
+        return resumed_run
+    return str(recorded.get(LEDGER_SCOPE_RECORD) or resumed_run)
 
 
 def _epsilon(history: list[Spend], delta: float) -> float:

@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,20 @@ from fedobj.appstage import stage_app
 DEFAULT_HTTP_PORT = 39191
 DEFAULT_CONTROL_PORT = 39193
 MARKER_ENV = "FEDOBJ_SUPERLINK"
+NO_RUNTIME_INSTALL = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
+"""``1``: Flower's SuperLink runs no ``uv sync`` of each run's dependencies (6 GB
+under ``$FLWR_HOME/runtime-envs/<run>`` for this project, torch included: the venv
+that starts it has them already). Every launcher of ours sets it to ``1`` unless
+the user's environment gives it a value."""
+
+
+def no_runtime_install(env: Mapping[str, str]) -> dict[str, str]:
+    """A copy of ``env`` for a process that may start a SuperLink or SuperNode:
+    :data:`NO_RUNTIME_INSTALL` is ``1`` unless ``env`` gives it a value (a user
+    who wants Flower's per-run environments keeps them)."""
+    copy = dict(env)
+    copy[NO_RUNTIME_INSTALL] = copy.get(NO_RUNTIME_INSTALL) or "1"
+    return copy
 
 
 @dataclass
@@ -66,12 +81,11 @@ class LocalSuperLink:
                 "FLWR_HOME": str(self.flwr_home),
                 "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
                 "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                 "FLWR_DISABLE_UPDATE_CHECK": "1",
                 MARKER_ENV: self.marker,
             }
         )
-        return env
+        return no_runtime_install(env)
 
     def run_command(
         self,

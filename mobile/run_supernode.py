@@ -12,7 +12,9 @@ itself) with node config ``data-dir``, ``cache-dir`` and ``device-id``. The
 ClientApp decodes the folder once and caches the prepared arrays under
 ``cache-dir`` (a SuperNode starts a fresh process for every message);
 ``--prepare CHANNELSxSIZE`` (``1x28`` for the demo's ``cnn``) fills that cache now.
-The board needs fedobj with torch installed: it trains.
+The board needs fedobj with torch installed: it trains, with what is installed
+(``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` unless set otherwise: no
+per-run ``uv sync`` download of the app's dependencies).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from fedobj.data.image_folder import (
     load_image_folder,
 )
 from fedobj.errors import FedObjError
+from fedobj.superlink import no_runtime_install
 
 
 class LaunchError(FedObjError):
@@ -171,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     print(shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
-    os.execv(cmd[0], cmd)  # never returns
+    # Flower 1.41's SuperNode installs nothing unless given
+    # --allow-runtime-dependency-installation, its SuperLink unless this variable
+    # is 1: set for the SuperNode too, so that a board never downloads torch per
+    # run should the SuperNode's default follow the SuperLink's
+    os.execve(cmd[0], cmd, no_runtime_install(os.environ))  # never returns
 
 
 if __name__ == "__main__":

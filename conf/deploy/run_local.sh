@@ -21,6 +21,8 @@
 #   RUN_CONFIG      --run-config for flwr run  [num-server-rounds=2 min-nodes=NODES]
 #   FORCE_KEYS=1    make new keys even if DEPLOY_DIR/keys has some
 #   VENV            virtual environment with fedobj and flwr  [.venv]
+#   FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION  [1]: the venv's packages, no
+#                   per-run `uv sync` (6 GB under $FLWR_HOME/runtime-envs/<run>)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -39,9 +41,10 @@ CONNECTION="local-tls"
 
 # Flower reads its connections from $FLWR_HOME; a folder of our own keeps the
 # user's ~/.flwr untouched. Runtime dependency installation would build a fresh
-# environment (and download torch) for every run.
+# environment (and download torch) for every run: off, unless the caller says.
 export FLWR_HOME="$DEPLOY_DIR/flwr"
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+: "${FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION:=1}"
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FEDOBJ_OUTPUTS_DIR="${FEDOBJ_OUTPUTS_DIR:-$DEPLOY_DIR/outputs}"
 

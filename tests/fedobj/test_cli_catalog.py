@@ -1,15 +1,19 @@
-"""`fedobj catalog …` and `fedobj versions …` against a real SQLite catalog."""
+"""`fedobj catalog …`, `fedobj versions …` and `fedobj data check --db` against a
+real SQLite catalog."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from fedobj.catalog import SyncCatalog
 from fedobj.cli import app
 from fedobj.data.categories import fashion_mnist_class_map
+from tests.conftest import write_image_folder
 
 runner = CliRunner()
 
@@ -173,3 +177,59 @@ def test_admin_keys_commands_and_cli_writes_are_audited(
         ("key.revoke", "cli"),
         ("key.create", "cli"),
     ]
+
+
+def test_data_check_marks_the_folders_the_catalog_does_not_know(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FEDOBJ_DATABASE_URL", raising=False)
+    root = write_image_folder(tmp_path / "dev", per_class=2, classes=3)
+    for folder in ("unknown", "Ankle Boot"):  # no category; a name, not a slug
+        shutil.copytree(root / "trouser", root / folder)
+    db = tmp_path / "c.db"
+    catalog = SyncCatalog(db)
+    catalog.migrate()
+    catalog.seed_categories()
+    catalog.deactivate_category("pullover")
+
+    plain = runner.invoke(app, ["data", "check", str(root)])  # no catalog: as ever
+    assert plain.exit_code == 0 and "unknown" in plain.output, plain.output
+    assert "not in the catalog" not in plain.output
+
+    found = runner.invoke(app, ["data", "check", str(root), "--json", "--db", str(db)])
+    assert found.exit_code == 0, found.output
+    assert json.loads(found.output)["catalog"] == {
+        "known": {"t-shirt-top": 0, "trouser": 1},
+        "inactive": ["pullover"],
+        "unknown": {"Ankle Boot": "ankle-boot", "unknown": None},
+        "trainable": 4,
+    }
+    # the catalog named by the environment, as the ServerApp finds it
+    table = runner.invoke(
+        app, ["data", "check", str(root)], env={"FEDOBJ_DATABASE_URL": str(db)}
+    )
+    out = " ".join(table.output.split())  # rich wraps long lines
+    assert table.exit_code == 0, table.output
+    assert "│ trouser │ 2 │ class 1 │" in out, out
+    assert "│ unknown │ 2 │ not in the catalog: skipped │" in out, out
+    assert "rename to" in out and "ankle-boot?)" in out, out  # wrapped in its cell
+    assert "Ankle Boot, unknown: no category of the catalog" in out, out
+    assert "pullover: deactivated in the catalog; training skips its 2" in out, out
+
+
+def test_data_check_needs_a_catalog_that_exists_and_knows_a_folder(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "dev"
+    write_image_folder(root, per_class=2, classes=1)
+    (root / "t-shirt-top").rename(root / "mystery")
+    missing = tmp_path / "none.db"
+    gone = runner.invoke(app, ["data", "check", str(root), "--db", str(missing)])
+    assert gone.exit_code == 2 and "no catalog database" in gone.output
+    assert not missing.exists()  # a check creates no catalog
+    catalog = SyncCatalog(tmp_path / "c.db")
+    catalog.migrate()
+    catalog.seed_categories()
+    none = runner.invoke(app, ["data", "check", str(root), "--db", catalog.url])
+    out = " ".join(none.output.split())
+    assert none.exit_code == 1 and "no folder is an active category" in out, out

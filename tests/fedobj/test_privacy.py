@@ -1,5 +1,6 @@
 """The device's DP ledger: survives reloads (new rounds, new runs), matches Opacus'
-own accountant, never silently resets."""
+own accountant, never silently resets; a simulated device's lasts its run (and
+the runs that resume it)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from pathlib import Path
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedobj.privacy import PrivacyLedger, PrivacyLedgerError
+from fedobj import keys
+from fedobj.catalog import SyncCatalog
+from fedobj.privacy import (
+    LEDGER_SCOPE_RECORD,
+    PrivacyLedger,
+    PrivacyLedgerError,
+    device_ledger_scope,
+    run_ledger_scope,
+)
 
 
 def test_spent_budget_survives_reload_and_matches_opacus(tmp_path: Path) -> None:
@@ -51,6 +60,52 @@ def test_unreadable_ledger_refuses_instead_of_resetting(tmp_path: Path) -> None:
         PrivacyLedger.load(tmp_path, "  ")
     with pytest.raises(ValueError, match="dp-delta"):
         PrivacyLedger.load(tmp_path, "e").epsilon(0.0)
+
+
+def test_simulated_devices_spend_their_runs_ledgers_real_ones_their_own(
+    tmp_path: Path,
+) -> None:
+    sim = {keys.NODE_PARTITION_ID: 3, keys.NODE_NUM_PARTITIONS: 10}
+    assert device_ledger_scope(sim, None, 12) == "12"  # a new run: new devices
+    assert device_ledger_scope(sim, "", 12) == "12"
+    assert device_ledger_scope(sim, "11", 12) == "11"  # what the server names
+    for real in ({keys.NODE_DEVICE_ID: "cam-7"}, {keys.NODE_DEVICE_ID: "c", **sim}):
+        assert device_ledger_scope(real, "11", 12) is None  # its own, every run
+    assert device_ledger_scope({}, "11", 12) is None  # no identity: it declines
+
+    spent = PrivacyLedger.load(tmp_path, "sim-3", "11")
+    spent.record(1.0, 0.05, 100)
+    assert PrivacyLedger.load(tmp_path, "sim-3", "11").history == spent.history
+    assert PrivacyLedger.load(tmp_path, "sim-3", "12").history == []
+    assert PrivacyLedger.load(tmp_path, "sim-3").history == []
+    assert spent.path == tmp_path / "privacy" / "runs" / "11" / "sim-3.json"
+    # a real device's ledger stays where it always was
+    assert PrivacyLedger.load(tmp_path, "cam-7").path == (
+        tmp_path / "privacy" / "cam-7.json"
+    )
+    assert PrivacyLedger.load(tmp_path, "sim-3", "../x").path.parent.name == ".._x"
+    with pytest.raises(PrivacyLedgerError, match="scope"):
+        PrivacyLedger.load(tmp_path, "sim-3", " ")
+
+
+def test_a_resumed_run_continues_the_ledgers_of_the_run_it_resumes(
+    tmp_path: Path,
+) -> None:
+    catalog = SyncCatalog(tmp_path / "c.db")
+    catalog.migrate()
+    for run_id, config in (("1", {}), ("2", {LEDGER_SCOPE_RECORD: "1"})):
+        catalog.begin_run(
+            run_id,
+            strategy="fedavg",
+            model="cnn",
+            first_round=1,
+            last_round=2,
+            config=config,
+        )
+    assert run_ledger_scope(catalog, "5", None) == "5"  # not resumed: its own
+    assert run_ledger_scope(catalog, "5", "2") == "1"  # 2 had resumed 1
+    assert run_ledger_scope(catalog, "5", "1") == "1"  # a row that recorded none
+    assert run_ledger_scope(catalog, "5", "gone") == "gone"  # no row at all
 
 
 def test_dp_sgd_trains_and_its_plan_is_what_the_ledger_records(
@@ -100,7 +155,7 @@ def test_batchnorm_models_and_fedprox_are_refused_with_dp() -> None:
     with pytest.raises(ConfigError, match="DP-compatible.*group"):
         check_dp_compatible(build_model(ModelArgs(norm="batch")))
     with pytest.raises(ConfigError, match="fedprox"):
-        RunConfig(dp=True, strategy="fedprox")
+        RunConfig.from_flower({"dp": True, "strategy": "fedprox"})
 
 
 @pytest.mark.parametrize("batch", [1, 7, 32, 64, 100])
