@@ -84,7 +84,7 @@ class ClientSideAdaptiveClipping(
 
 def sample_size(num_nodes: int, cfg: RunConfig) -> int:
     """Nodes FedAvg samples per round (its own formula): the wrappers' ``m``."""
-    return max(int(num_nodes * cfg.fraction_train), cfg.min_nodes)
+    return max(int(num_nodes * cfg.training.fraction_train), cfg.training.min_nodes)
 
 
 def wrap_central_dp(
@@ -98,6 +98,7 @@ def wrap_central_dp(
     ``num_nodes`` is the population connected before round 1; ``ledger`` the
     accountant state an earlier run left (:func:`latest_ledger`), continued here.
     """
+    p = cfg.privacy
     if base.weighted_by_key != keys.UNIT_WEIGHT:
         raise ConfigError(
             "central DP needs an equal-weight mean: build the inner strategy with "
@@ -109,19 +110,19 @@ def wrap_central_dp(
             f"central DP samples {m} nodes per round but only {num_nodes} are "
             "connected (raise num-supernodes or lower min-nodes)"
         )
-    noise, clip = cfg.central_dp_noise_multiplier, cfg.central_dp_clipping_norm
-    if cfg.central_dp.endswith("-adaptive"):
+    noise, clip = p.central_dp_noise_multiplier, p.central_dp_clipping_norm
+    if p.central_dp.endswith("-adaptive"):
         adaptive = {
             "initial_clipping_norm": clip,
-            "target_clipped_quantile": cfg.central_dp_target_quantile,
-            "clip_norm_lr": cfg.central_dp_clip_lr,
+            "target_clipped_quantile": p.central_dp_target_quantile,
+            "clip_norm_lr": p.central_dp_clip_lr,
         }
         kind: (
             type[DifferentialPrivacyServerSideAdaptiveClipping]
             | type[DifferentialPrivacyClientSideAdaptiveClipping]
         ) = (
             ServerSideAdaptiveClipping
-            if cfg.central_dp == "server-adaptive"
+            if p.central_dp == "server-adaptive"
             else ClientSideAdaptiveClipping
         )
         try:
@@ -130,19 +131,19 @@ def wrap_central_dp(
             # Andrew et al.: part of the noise goes to the clipped-count estimate,
             # whose std defaults to m/20; the split needs noise < m/10
             raise ConfigError(
-                f"central-dp={cfg.central_dp} with {m} nodes sampled per round needs "
+                f"central-dp={p.central_dp} with {m} nodes sampled per round needs "
                 f"central-dp-noise-multiplier < {m / 10:g} (Flower: {exc})"
             ) from None
     accountant = make_accountant(cfg, num_nodes, ledger)
     wrapper = (
         DifferentialPrivacyServerSideFixedClipping
-        if cfg.central_dp == "server-fixed"
+        if p.central_dp == "server-fixed"
         else DifferentialPrivacyClientSideFixedClipping
     )
     try:
         return wrapper(base, noise, clip, m, accountant=accountant)
     except ValueError as exc:  # Flower's own checks, said in run-config terms
-        raise ConfigError(f"central-dp={cfg.central_dp}: {exc}") from None
+        raise ConfigError(f"central-dp={p.central_dp}: {exc}") from None
 
 
 def make_accountant(
@@ -155,25 +156,26 @@ def make_accountant(
     earlier ledger is replayed: its releases happened, whatever this run's
     delta or budget; its population is kept (the events were sized by it).
     """
-    if cfg.central_dp_epsilon <= 0:
+    p = cfg.privacy
+    if p.central_dp_epsilon <= 0:
         return None
     population = num_nodes
     if ledger is not None:
         population = int(ledger["config"]["population_size"])  # type: ignore[index]
     config = PrivacyConfig(
-        target_delta=cfg.central_dp_delta,
+        target_delta=p.central_dp_delta,
         population_size=population,
         neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
         sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        max_epsilon=cfg.central_dp_epsilon,
+        max_epsilon=p.central_dp_epsilon,
     )
     accountant = RdpAccountant(config)
     if ledger is not None:
         state = dict(ledger)
         state["config"] = {
             **dict(ledger["config"]),  # type: ignore[arg-type]
-            "target_delta": cfg.central_dp_delta,
-            "max_epsilon": cfg.central_dp_epsilon,
+            "target_delta": p.central_dp_delta,
+            "max_epsilon": p.central_dp_epsilon,
         }
         try:
             accountant.load_state_dict(state)

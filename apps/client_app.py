@@ -25,7 +25,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-from torch import nn
 
 from apps.central_dp import central_dp_mod
 from apps.records import get_model_context, load_arrays, model_to_arrays
@@ -34,12 +33,17 @@ from fedobj import keys
 from fedobj.allocator import retain_freed_memory
 from fedobj.calibration import feature_stats
 from fedobj.classmap import ClassMap
-from fedobj.config import RunConfig
+from fedobj.config import PrivacyConfig, RunConfig
 from fedobj.data.fashion_mnist import ImageArrays
 from fedobj.data.node_data import default_cache_dir, load_node_data
 from fedobj.errors import FedObjError
 from fedobj.model.factory import ModelArgs, build_model, head_keys
-from fedobj.privacy import ACCOUNTANT, PrivacyLedger, PrivacyLedgerError
+from fedobj.privacy import (
+    ACCOUNTANT,
+    PrivacyLedger,
+    PrivacyLedgerError,
+    device_ledger_scope,
+)
 from fedobj.train import (
     DpSettings,
     MappedData,
@@ -71,7 +75,7 @@ def _prepare(
     msg: Message, context: Context
 ) -> tuple[RunConfig, ModelArgs, ClassMap, torch.nn.Module]:
     cfg = RunConfig.from_flower(context.run_config)
-    _set_threads(cfg.client_threads)
+    _set_threads(cfg.training.client_threads)
     config = msg.content.config_records[keys.CONFIG]
     args, class_map = get_model_context(config)
     model = build_model(args)
@@ -82,14 +86,15 @@ def _prepare(
 def _node_data(
     cfg: RunConfig, args: ModelArgs, context: Context, class_map: ClassMap
 ) -> tuple[MappedData, MappedData]:
+    sim = cfg.simulation
     data = load_node_data(
         context.node_config,
-        partitioner=cfg.partitioner,
-        alpha=cfg.dirichlet_alpha,
-        classes_per_node=cfg.classes_per_node,
-        eval_fraction=cfg.eval_fraction,
-        seed=cfg.seed,
-        dataset_dir=cfg.dataset_dir,
+        partitioner=sim.partitioner,
+        alpha=sim.dirichlet_alpha,
+        classes_per_node=sim.classes_per_node,
+        eval_fraction=cfg.evaluation.eval_fraction,
+        seed=cfg.training.seed,
+        dataset_dir=sim.dataset_dir,
         channels=args.in_channels,
         size=args.image_size,
         split=cfg.data_split,
@@ -104,15 +109,6 @@ def _mapped(data: ImageArrays, class_map: ClassMap) -> MappedData:
     return map_to_class_map(data, class_map)
 
 
-def _frozen(model: nn.Module, args: ModelArgs, config: ConfigRecord) -> tuple[str, ...]:
-    """The parameters this round leaves as received: the head (the server's
-    calibration sets it) or, in a warm-up round after a growth, all but the head."""
-    head = head_keys(args)
-    if config.get(keys.HEAD_ONLY):
-        return tuple(n for n, _ in model.named_parameters() if n not in head)
-    return head if config.get(keys.FREEZE_HEAD) else ()
-
-
 # secagg=true: SecAgg+ stage messages go through Flower's secaggplus_mod
 @app.train(mods=[secaggplus_route_mod])
 def train_fn(msg: Message, context: Context) -> Message:
@@ -123,26 +119,22 @@ def train_fn(msg: Message, context: Context) -> Message:
     except NODE_DATA_ERRORS as exc:
         return _data_error(msg, exc)
     server_round = int(config.get(keys.SERVER_ROUND, 1))
+    t = cfg.training
     tcfg = TrainConfig(
-        epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        lr=float(config.get(keys.LR, cfg.lr)),
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
+        epochs=t.local_epochs,
+        batch_size=t.batch_size,
+        lr=float(config.get(keys.LR, t.lr)),
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
         proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
-        augment=cfg.augment,
-        seed=train_seed(cfg.seed, server_round, context.node_config, context.node_id),
+        seed=train_seed(t.seed, server_round, context.node_config, context.node_id),
         distill_classes=int(config.get(keys.DISTILL_CLASSES, 0)),
-        distill_weight=cfg.distill_weight,
-        distill_temperature=cfg.distill_temperature,
-        distill_samples=cfg.distill_samples,
-        local_loss=cfg.local_loss,
-        restricted_alpha=cfg.restricted_alpha,
-        logit_adjust_tau=cfg.logit_adjust_tau,
-        frozen=_frozen(model, _args, config),
+        distill_weight=cfg.growth.distill_weight,
     )
-    if cfg.dp:
-        return _train_private(msg, context, cfg, tcfg, model, train_data, class_map)
+    if cfg.privacy.dp:
+        return _train_private(
+            msg, context, cfg.privacy, tcfg, model, train_data, class_map
+        )
     # the model as received is the teacher: the previous global model (LwF)
     teacher = copy.deepcopy(model) if tcfg.distill_classes > 0 else None
     if len(train_data.tensors) == 0:
@@ -172,7 +164,7 @@ def train_fn(msg: Message, context: Context) -> Message:
             keys.IGNORED_EXAMPLES: sum(train_data.ignored.values()),
         }
     )
-    if cfg.strategy == "perffedavg":  # it weighs nodes by their local accuracy;
+    if t.strategy == "perffedavg":  # it weighs nodes by their local accuracy;
         # nothing else reads it, and it costs ~5% of a node's round
         local = evaluate(model, eval_data.tensors, class_map.active_indices)
         if local.num_examples:
@@ -192,8 +184,9 @@ def device_id(node_config: Mapping[str, Any]) -> str | None:
     """A stable identity for the device's DP ledger.
 
     ``device-id`` from the node config; in simulation the partition id (the
-    same virtual device in every run). Flower's node id changes on restart, so
-    it never keys a privacy budget.
+    same virtual device in every run, whose ledger is kept per run:
+    ``fedobj.privacy.device_ledger_scope``). Flower's node id changes on
+    restart, so it never keys a privacy budget.
     """
     if node_config.get(keys.NODE_DEVICE_ID):
         return str(node_config[keys.NODE_DEVICE_ID])
@@ -222,7 +215,7 @@ def train_seed(
 def _train_private(
     msg: Message,
     context: Context,
-    cfg: RunConfig,
+    cfg: PrivacyConfig,
     tcfg: TrainConfig,
     model: torch.nn.Module,
     train_data: MappedData,
@@ -233,8 +226,10 @@ def _train_private(
     if device is None:
         return _decline(msg, "dp=true needs node config `device-id` on this device")
     cache = str(context.node_config.get(keys.NODE_CACHE_DIR) or default_cache_dir())
+    sent = msg.content.config_records[keys.CONFIG].get(keys.DP_LEDGER_SCOPE)
+    scope = device_ledger_scope(context.node_config, sent, context.run_id)
     try:
-        ledger = PrivacyLedger.load(cache, device)
+        ledger = PrivacyLedger.load(cache, device, scope)
     except PrivacyLedgerError as exc:
         return _decline(msg, str(exc))
     if len(train_data.tensors) == 0:
@@ -330,7 +325,7 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({keys.METRICS: metrics})
     config = msg.content.config_records[keys.CONFIG]
-    private = cfg.dp or cfg.secagg or cfg.central_dp != "none"
+    private = cfg.privacy.private_updates or cfg.secagg.secagg
     if private and config.get(keys.FEATURE_STATS):
         log.warning("feature statistics not sent: this run is private")
     elif config.get(keys.FEATURE_STATS) and len(train_data.tensors) > 0:

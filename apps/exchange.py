@@ -43,7 +43,6 @@ from apps.replies import (
     ORDER_TAIL_BYTES,
     UNAVAILABLE_CODES,
     NodeOutcome,
-    balanced_weight,
     count_of,
     failure_of,
     histogram_problem,
@@ -65,7 +64,6 @@ __all__ = [  # what a reply says lives in apps/replies.py; importable here too
     "UNAVAILABLE_CODES",
     "NodeOutcome",
     "ReplyFolder",
-    "balanced_weight",
     "collect_replies",
     "count_of",
     "dispatch_plan",
@@ -226,12 +224,6 @@ class ReplyFolder:
         strategy's own ``aggregate_train``.
     perf_alpha
         PerfFedAvg's alpha; None for plain example-count weights.
-    class_weights
-        Per-image weights by category slug (``CatalogStrategy.class_weights``):
-        a streamed reply then weighs the sum over its label histogram of count x
-        weight (1 for a slug not listed) instead of its example count; a reply
-        without a histogram keeps its example count. Train metrics stay
-        weighted by example counts.
     """
 
     def __init__(
@@ -240,13 +232,11 @@ class ReplyFolder:
         *,
         stream: bool = True,
         perf_alpha: float | None = None,
-        class_weights: Mapping[str, float] | None = None,
     ) -> None:
         self.shapes = {k: tuple(int(d) for d in v.shape) for k, v in reference.items()}
         self.reference = {k: array_view(v) for k, v in reference.items()}
         self.stream = stream
         self.perf_alpha = perf_alpha
-        self.class_weights = class_weights
         self.outcomes: list[NodeOutcome] = []
         self.rejected: list[NodeOutcome] = []
         self.valid: list[Message] = []
@@ -268,15 +258,11 @@ class ReplyFolder:
         if n is not None and self.perf_alpha is not None:
             reason = _accuracy_problem(msg)
             n = None if reason is not None else n
-        weight = n
-        if n is not None and self.stream and self.class_weights is not None:
-            weight, reason = balanced_weight(outcome.labels, n, self.class_weights)
-            n = None if reason is not None else n
-        if n is not None and weight is not None:
+        if n is not None:
             record = msg.content.array_records[keys.ARRAYS]
             if self.stream:
                 # names and shapes checked now, values as they are folded in
-                reason = self._mean("_by_n").add_record(record, weight, tag)
+                reason = self._mean("_by_n").add_record(record, n, tag)
             else:
                 views = {k: array_view(v) for k, v in record.items()}
                 reason = validate_update(views, self.shapes, n)

@@ -1,21 +1,14 @@
 """A round's finish: centralised evaluation, version, catalog rows, ``on_round``.
 
-The finish needs none of the nodes. With ``overlap-rounds`` it runs in one worker
-thread while the next round trains, so the nodes do not wait for the server's
-evaluation; finishes still run one at a time and in round order, the version
-rules (parent, current, rollback) are the same as without overlap
-(apps/versions.py), and a round that trained is always finished, even when a
-later one fails. Worth it when the ServerApp has cores of its own (a deployment):
-in a one-machine simulation its evaluation competes with the nodes' training
-(measured: no gain on 2 cores), so the run config's ``overlap-rounds`` defaults
-to false.
+The finish needs none of the nodes, and runs as the round's training and
+federated evaluation end, before the next round starts (finishing round N while
+N+1 trained was measured slower on a shared host and retired): so a round that
+trained is always finished before anything later can fail.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
@@ -31,8 +24,8 @@ CentralEvaluation = Callable[[int, ArrayRecord, ClassMap], dict[str, float]]
 
 class RoundEnd:
     """What a round's finish needs, taken as its training and federated
-    evaluation end: the next round may grow the head, follow a rollback or
-    move FedAdam's moments while this one finishes.
+    evaluation end: what the model was then, whatever the loop does next
+    (a growth, a rollback, FedAdam's moments moving).
 
     ``parent`` is the version a rollback made the round start from (None: the
     previous round's), ``replied`` how many replies were aggregated.
@@ -66,8 +59,6 @@ class RoundFinisher:
         Centralised evaluation ``(round, arrays, class_map) -> metrics``.
     on_round
         Called with each finished :class:`RoundReport` (outputs, logs).
-    overlap
-        Finish round N in a worker thread while round N+1 trains.
     """
 
     def __init__(
@@ -76,46 +67,15 @@ class RoundFinisher:
         book: RoundBook,
         evaluate_fn: CentralEvaluation | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
-        overlap: bool = False,
     ) -> None:
         self.versions = versions
         self.book = book
         self.evaluate_fn = evaluate_fn
         self.on_round = on_round
-        self.overlap = overlap
-        self.result = Result()
-        self.pool: ThreadPoolExecutor | None = None
-        self.pending: tuple[RoundReport, Future[None]] | None = None
 
-    @contextmanager
-    def run(self, result: Result) -> Iterator[RoundFinisher]:
-        """Finish the rounds submitted inside into ``result``; on the way out,
-        wait for the finish still running (and raise its error, if any)."""
-        self.result, self.pending = result, None
-        self.pool = ThreadPoolExecutor(1, "fedobj-finish") if self.overlap else None
-        try:
-            yield self
-        finally:
-            # nothing lost: a round that trained is always finished, even when
-            # the next one failed
-            if self.pending is not None:
-                self._collect(*self.pending)
-            if self.pool is not None:
-                self.pool.shutdown(wait=True)
-
-    def submit(self, end: RoundEnd) -> None:
-        """Finish the round now, or (overlap) once the previous finish is done."""
-        if self.pending is not None:  # finished while this round trained
-            self._collect(*self.pending)
-            self.pending = None
-        if self.pool is None:
-            self.finish(end)
-            self._collect(end.report, None)
-        else:
-            self.pending = (end.report, self.pool.submit(self.finish, end))
-
-    def finish(self, end: RoundEnd) -> None:
-        """Evaluate centrally, register the version, write the rows, report."""
+    def finish(self, end: RoundEnd, result: Result) -> None:
+        """Evaluate centrally, register the version, write the rows, report, and
+        keep the centralised metrics in ``result``."""
         report = end.report
         if self.evaluate_fn is not None:
             report.central = self.evaluate_fn(
@@ -135,11 +95,7 @@ class RoundFinisher:
         self.book.record(report, end.replied)
         if self.on_round is not None:
             self.on_round(report)
-
-    def _collect(self, report: RoundReport, done: Future[None] | None) -> None:
-        if done is not None:
-            done.result()  # the finish's own error, if any, surfaces here
         if report.central:
-            self.result.evaluate_metrics_serverapp[report.server_round] = MetricRecord(
+            result.evaluate_metrics_serverapp[report.server_round] = MetricRecord(
                 dict(report.central)
             )

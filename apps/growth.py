@@ -1,13 +1,12 @@
-"""The head through a run: grown from the catalog, aligned, eased in after growth.
+"""The head through a run: grown from the catalog, distilled into after growth.
 
 Contract 4 makes growth itself a pure function (``fedobj.model.growth``); what the
 round loop must still decide is *when* and *what follows*: the head grows when the
 round's catalog snapshot has more classes than the model, FedAdam's moments grow
-with it, the new rows may be scaled to the old rows' norm after each aggregation
-(weight aligning), and for a few rounds after a growth nodes are asked to distil
-the old classes or to train the head alone. :class:`HeadGrowth` keeps the state
-those decisions read (the class map and architecture the model has now, and this
-run's last growth) so that the strategy only calls it at the right steps.
+with it, and for a few rounds after a growth nodes are asked to distil the old
+classes. :class:`HeadGrowth` keeps the state those decisions read (the class map
+and architecture the model has now, and this run's last growth) so that the
+strategy only calls it at the right steps.
 
 It handles Flower's ``ArrayRecord`` because the round's model travels in one; it
 needs nothing else from Flower.
@@ -25,7 +24,7 @@ from apps.versions import MOMENTS
 from fedobj.classmap import ClassMap
 from fedobj.errors import FedObjError
 from fedobj.model.factory import ModelArgs, head_keys
-from fedobj.model.growth import align_new_biases, align_new_rows, grow_head, grow_rows
+from fedobj.model.growth import grow_head, grow_rows
 
 # the round's lines, wherever the step that writes them lives
 log = logging.getLogger("fedobj.strategy")
@@ -80,39 +79,25 @@ class HeadGrowth:
     ----------
     model_args
         The architecture; its ``num_classes`` follows the catalog.
-    init
-        How new head rows start (``fedobj.model.growth``).
-    align
-        ``"norm"``: after every aggregation following a growth in this run, scale
-        the new classes' weight rows to the old rows' mean norm (weight aligning);
-        ``"norm-bias"``: also shift their biases to the old biases' mean.
     seed
         Seeds the new rows (with the new class count, so a resume draws the same).
     distill_rounds
         After a growth, for this many rounds, nodes distil the old classes from
-        the model they receive (``distill-classes``).
-    warmup_rounds
-        After a growth, for this many rounds, nodes train the head only
-        (``head-only``) and the round's model keeps every other array as sent.
-        Neither window is kept across a resume.
+        the model they receive (``distill-classes``). The window is not kept
+        across a resume.
     """
 
+    INIT = "mean"
+    """New rows start at the old rows' mean (``fedobj.model.growth``)."""
+
     def __init__(
-        self,
-        model_args: ModelArgs,
-        init: str = "mean",
-        align: str = "none",
-        seed: int = 0,
-        distill_rounds: int = 0,
-        warmup_rounds: int = 0,
+        self, model_args: ModelArgs, seed: int = 0, distill_rounds: int = 0
     ) -> None:
         self.model_args = model_args
         self.class_map = ClassMap()
-        self.init = init
-        self.align_mode = align
+        self.init = self.INIT
         self.seed = seed
         self.distill_rounds = distill_rounds
-        self.warmup_rounds = warmup_rounds
         self.grown_from: int | None = None  # classes before this run's last growth
         self.grew_at: int | None = None  # the round of that growth
 
@@ -173,7 +158,7 @@ class HeadGrowth:
 
     def within(self, server_round: int, rounds: int) -> bool:
         """Whether ``server_round`` is one of the first ``rounds`` from this
-        run's last growth (the distillation and warm-up windows)."""
+        run's last growth (the distillation window)."""
         return self.grew_at is not None and 0 <= server_round - self.grew_at < rounds
 
     def distill_classes(self, server_round: int) -> int:
@@ -185,45 +170,3 @@ class HeadGrowth:
         if self.within(server_round, self.distill_rounds):
             return self.grown_from or 0
         return 0
-
-    def head_only(self, server_round: int) -> bool:
-        """Whether nodes train the head alone this round (warm-up after growth).
-
-        LP-FT (Kumar et al., ICLR 2022): fine-tuning under untrained rows sends
-        their large errors into the extractor and distorts the features the old
-        rows read; nodes first fit the head alone.
-        """
-        return self.within(server_round, self.warmup_rounds)
-
-    def keep_extractor(self, sent: ArrayRecord, aggregate: ArrayRecord) -> ArrayRecord:
-        """A warm-up round's model: the aggregate's head on the extractor as sent.
-
-        Nodes trained the head only, but the aggregate's other arrays may still
-        have moved: FedAdam's moments, central-DP noise and SecAgg+ quantisation
-        act on every array. Taking them back as sent is independent of the
-        nodes' data, so it costs no privacy.
-        """
-        heads = set(self.heads)
-        return ArrayRecord(
-            {k: aggregate[k] if k in heads else sent[k] for k in aggregate}
-        )
-
-    def align(self, arrays: ArrayRecord) -> ArrayRecord:
-        """Weight aligning of the rows added by this run's last growth, if asked.
-
-        Safe with FedAdam: its ``configure_train`` copies the arrays it is sent,
-        so its next step starts from the aligned head.
-        """
-        if self.align_mode == "none" or self.grown_from is None:
-            return arrays
-        weight_key, bias_key = self.heads
-        numpy = numpy_arrays(arrays)
-        active = self.class_map.active_indices
-        old = [k for k in active if k < self.grown_from]
-        new = [k for k in active if k >= self.grown_from]
-        numpy[weight_key], gamma = align_new_rows(numpy[weight_key], old, new)
-        shift = 0.0
-        if self.align_mode == "norm-bias":
-            numpy[bias_key], shift = align_new_biases(numpy[bias_key], old, new)
-        log.info("head aligned: new rows scaled by %.3f, biases %+.3f", gamma, shift)
-        return array_record(numpy)

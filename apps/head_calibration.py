@@ -32,8 +32,7 @@ class HeadCalibrator:
     Parameters
     ----------
     settings
-        Virtual features per class, SGD steps and learning rate, and whether
-        nodes leave the head to the server (``freeze-head``).
+        Virtual features per class, SGD steps and learning rate.
     seed
         With the round, seeds the virtual features (a resume draws the same).
     """

@@ -32,7 +32,7 @@ def make_inner_strategy(
     accountant state an earlier run recorded.
     """
     base = _base_strategy(cfg)
-    if cfg.central_dp == "none":
+    if cfg.privacy.central_dp == "none":
         return base
     if num_nodes is None:
         raise ValueError("central DP needs the number of connected nodes")
@@ -47,23 +47,25 @@ def streams(strategy: Strategy) -> bool:
 
 def _base_strategy(cfg: RunConfig) -> FedAvg:
     # central DP's noise assumes an equal-weight mean (apps/central_dp.py)
-    weight = keys.UNIT_WEIGHT if cfg.central_dp != "none" else keys.NUM_EXAMPLES
+    private = cfg.privacy.central_dp != "none"
+    weight = keys.UNIT_WEIGHT if private else keys.NUM_EXAMPLES
+    t = cfg.training
     common: dict[str, Any] = dict(
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=cfg.min_nodes,
-        min_evaluate_nodes=min(cfg.min_nodes, 2),
-        min_available_nodes=cfg.min_nodes,
+        fraction_train=t.fraction_train,
+        fraction_evaluate=cfg.evaluation.fraction_evaluate,
+        min_train_nodes=t.min_nodes,
+        min_evaluate_nodes=min(t.min_nodes, 2),
+        min_available_nodes=t.min_nodes,
         weighted_by_key=weight,
         arrayrecord_key=keys.ARRAYS,
         configrecord_key=keys.CONFIG,
     )
-    if cfg.strategy == "fedavg":
+    if t.strategy == "fedavg":
         return FedAvg(**common)
-    if cfg.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=cfg.proximal_mu)
-    if cfg.strategy == "fedadam":
-        return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)
-    if cfg.strategy == "perffedavg":
-        return PerfFedAvg(**common, perf_alpha=cfg.perf_alpha)
-    raise ValueError(f"unknown strategy {cfg.strategy!r}")  # RunConfig rejects it first
+    if t.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=t.proximal_mu)
+    if t.strategy == "fedadam":
+        return FedAdam(**common, eta=t.server_lr, eta_l=t.lr)
+    if t.strategy == "perffedavg":
+        return PerfFedAvg(**common, perf_alpha=t.perf_alpha)
+    raise ValueError(f"unknown strategy {t.strategy!r}")  # RunConfig rejects it first

@@ -1,11 +1,10 @@
 """What a round's messages tell the nodes, besides the model they carry.
 
 Every train and evaluate message carries the class map and model arguments
-(contract 2); a train message also carries the round's learning rate and what
-the last growth asks for (distil the old classes, train the head only), the
-central-DP mode (nodes then weigh their replies equally and clip where the mode
-says) and, when the server calibrates the head, that nodes leave it alone; an
-evaluate message asks for feature statistics when the server calibrates. Written
+(contract 2); a train message also carries the round's learning rate, what the
+last growth asks for (distil the old classes) and the central-DP mode (nodes then
+weigh their replies equally and clip where the mode says); an evaluate message
+asks for feature statistics when the server calibrates the head. Written
 in one place so that the strategy's Flower hooks only hand the result to the
 inner strategy, as Flower's FedProx adds its ``proximal-mu`` in
 ``configure_train``.
@@ -32,10 +31,8 @@ class RoundInstructions:
         The model's class map and architecture now, and the windows after its
         last growth.
     lr_fn
-        The learning rate nodes use in a round (the schedule across rounds).
-    lr_restart_on_growth
-        Restart the schedule at the round the head grows (new rows start where
-        old ones did, not at a nearly spent rate).
+        The learning rate nodes use in a round (the schedule across rounds,
+        counted from ``lr_phase_start``: a resumed run may continue another's).
     central_dp
         The run's ``central-dp`` mode (``"none"``: not sent).
     calibration
@@ -46,25 +43,18 @@ class RoundInstructions:
         self,
         growth: HeadGrowth,
         lr_fn: Callable[[int], float],
-        lr_restart_on_growth: bool = False,
         central_dp: str = "none",
         calibration: CalibrationSettings | None = None,
     ) -> None:
         self.growth = growth
         self.lr_fn = lr_fn
-        self.lr_restart_on_growth = lr_restart_on_growth
         self.lr_phase_start = 1  # the round the schedule counts from
         self.central_dp = central_dp
         self.calibration = calibration
 
     def lr_at(self, server_round: int) -> float:
-        """The round's learning rate; the schedule restarts at a growth if asked."""
+        """The round's learning rate, on the schedule from ``lr_phase_start``."""
         return self.lr_fn(server_round - self.lr_phase_start + 1)
-
-    def grew(self, server_round: int) -> None:
-        """The head grew at ``server_round``: new rows learn at the full rate."""
-        if self.lr_restart_on_growth:
-            self.lr_phase_start = server_round
 
     def train(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         """The round's train config: ``config`` plus what this round asks for."""
@@ -73,10 +63,6 @@ class RoundInstructions:
         config[keys.DISTILL_CLASSES] = self.growth.distill_classes(server_round)
         if self.central_dp != "none":
             config[keys.CENTRAL_DP] = self.central_dp
-        if self.growth.head_only(server_round):
-            config[keys.HEAD_ONLY] = True
-        elif self.calibration is not None and self.calibration.freeze_head:
-            config[keys.FREEZE_HEAD] = True  # the server's calibration sets it
         return self.context(config)
 
     def evaluate(self, config: ConfigRecord) -> ConfigRecord:

@@ -1,10 +1,10 @@
 """What a reply says: its outcome, its counts, the weight it may carry.
 
 Reading a reply is separate from moving it (:mod:`apps.exchange` pushes, pulls and
-folds): the round's bookkeeping, the class-balanced weights and the reply folder
-all ask the same questions of a reply (which node, what it counted, why it is not
-used) and must get the same answers. Counts are held to what the catalog can store
-(:data:`MAX_COUNT`); a label histogram must add up to the reply's example count.
+folds): the round's bookkeeping and the reply folder ask the same questions of a
+reply (which node, what it counted, why it is not used) and must get the same
+answers. Counts are held to what the catalog can store (:data:`MAX_COUNT`); a
+label histogram must add up to the reply's example count.
 """
 
 from __future__ import annotations
@@ -154,8 +154,7 @@ def histogram_problem(
 
     It counts the images the node trained on, so it must add up to the reply's
     example count, and (given the round's class-map ``slugs``) name only those:
-    one that does not would skew the class-balanced weights, and the catalog's
-    ``sample_count`` for good.
+    one that does not would skew the catalog's ``sample_count`` for good.
     """
     total = sum(labels.values())
     if total != examples:
@@ -168,26 +167,6 @@ def histogram_problem(
             f"its label histogram names slugs outside the class map: {sorted(unknown)}"
         )
     return None
-
-
-def balanced_weight(
-    labels: Mapping[str, int], examples: float, class_weights: Mapping[str, float]
-) -> tuple[float, None] | tuple[None, str]:
-    """A reply's class-balanced weight: its label histogram's counts times the
-    per-image weights (1 for a slug without one); its example count if it sent
-    no histogram; None and the reason if the weight is too small to fold."""
-    if not labels:
-        return examples, None
-    problem = histogram_problem(labels, examples)
-    if problem is not None:
-        return None, problem
-    weight = sum(count * class_weights.get(slug, 1.0) for slug, count in labels.items())
-    if not (math.isfinite(weight) and 1e-30 <= weight <= 1e30):
-        return None, (
-            f"its label histogram gives a class-balanced weight of {weight!r} "
-            "(must be within [1e-30, 1e30])"
-        )
-    return weight, None
 
 
 def weighs_examples(msg: Message) -> bool:

@@ -5,9 +5,8 @@ The catalog is what the admin plane and the console read while a run goes on
 ``sample_count``), so every round must leave its rows, and counts must stay
 true however many rounds a node takes part in: a node's images of a category
 are added once per run. :class:`RoundBook` writes those rows from each round's
-:class:`RoundReport`, keeps the last few reports for inspection and the last
-round's training times (the order of the next round's pushes), and feeds this
-run's first-seen counts to the class-balanced weights.
+:class:`RoundReport`, and keeps the last few reports for inspection and the
+last round's training times (the order of the next round's pushes).
 
 It touches no Flower message: a round's replies arrive already read
 (:class:`apps.replies.NodeOutcome`), so it is tested with a catalog alone.
@@ -22,7 +21,6 @@ from typing import Any
 
 from apps.replies import NodeOutcome, count_of, histogram_problem
 from fedobj import keys
-from fedobj.aggregation_weights import AggregationWeights
 from fedobj.catalog import SyncCatalog
 from fedobj.catalog.records import VersionRecord
 from fedobj.classmap import ClassMap
@@ -51,9 +49,6 @@ class RoundReport:
     version: VersionRecord | None = None
     central: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None  # central DP: spend so far and its ledger
-    # seconds the round held the loop (training and federated evaluation); with
-    # overlapping rounds its evaluation and version follow while the next trains
-    critical_s: float | None = None
 
 
 def last_train_seconds(outcomes: list[NodeOutcome]) -> dict[int, float]:
@@ -83,20 +78,11 @@ class RoundBook:
         Where round, node and category rows live.
     run_id
         The run the rows belong to.
-    weights
-        Told each node's images of a category the first time this run sees
-        them (the class-balanced weights count this run's images only).
     """
 
-    def __init__(
-        self,
-        catalog: SyncCatalog,
-        run_id: str,
-        weights: AggregationWeights | None = None,
-    ) -> None:
+    def __init__(self, catalog: SyncCatalog, run_id: str) -> None:
         self.catalog = catalog
         self.run_id = run_id
-        self.weights = weights if weights is not None else AggregationWeights()
         self.reports: dict[int, RoundReport] = {}
         # per node, the category slugs whose images it has already added to the
         # catalog's sample counts this run (bounded by nodes x categories)
@@ -170,9 +156,8 @@ class RoundBook:
         counted = self.counted_labels.setdefault(n.node_id, set())
         fresh = {slug: c for slug, c in labels.items() if slug not in counted}
         if fresh:
-            unknown = self.catalog.add_sample_counts(fresh)  # deleted meanwhile
+            self.catalog.add_sample_counts(fresh)  # a slug deleted meanwhile: skipped
             counted.update(fresh)
-            self.weights.add({s: c for s, c in fresh.items() if s not in unknown})
 
     def record(self, report: RoundReport, replied: int) -> None:
         """Write the round's per-node rows, count its nodes, close its row."""

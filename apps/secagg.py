@@ -95,12 +95,13 @@ class SecAggSettings:
         def flower(v: float) -> int | float:
             return float(v) if v <= 1 else int(v)
 
+        sec = cfg.secagg
         return cls(
-            flower(cfg.secagg_num_shares),
-            flower(cfg.secagg_reconstruction_threshold),
-            cfg.secagg_clipping_range,
-            cfg.secagg_quantization_range,
-            cfg.secagg_max_weight,
+            flower(sec.secagg_num_shares),
+            flower(sec.secagg_reconstruction_threshold),
+            sec.secagg_clipping_range,
+            sec.secagg_quantization_range,
+            sec.secagg_max_weight,
         )
 
     @property
@@ -395,7 +396,7 @@ class SecAggStrategy(CatalogStrategy):
                 result.total_weight,
                 bound,
             )
-            return self._align(result.arrays), valid
+            return result.arrays, valid
         log.warning(
             "round %d: SecAgg+ gave no aggregate (%d nodes with examples): the "
             "model is unchanged",
@@ -407,6 +408,6 @@ class SecAggStrategy(CatalogStrategy):
 
 def catalog_strategy_class(cfg: RunConfig) -> Callable[..., CatalogStrategy]:
     """The round loop the run config asks for: plain, or with SecAgg+ training."""
-    if not cfg.secagg:
+    if not cfg.secagg.secagg:
         return CatalogStrategy
     return functools.partial(SecAggStrategy, settings=SecAggSettings.from_config(cfg))

@@ -38,7 +38,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedobj import keys
-from fedobj.config import RunConfig
+from fedobj.config import RunConfig, SecAggConfig
 
 log = logging.getLogger("fedobj.client")
 
@@ -77,7 +77,7 @@ def legacy_train(handler: ClientAppCallable) -> ClientAppCallable:
     """Wrap a Message-API train handler to answer ``fitins`` with ``fitres``."""
 
     def fit(msg: Message, ctxt: Context) -> Message:
-        cfg = RunConfig.from_flower(ctxt.run_config)
+        cfg = RunConfig.from_flower(ctxt.run_config).secagg
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         config = dict(fitins.config)
         names = json.loads(str(config.pop(keys.SECAGG_ARRAY_NAMES)))
@@ -106,7 +106,7 @@ def legacy_train(handler: ClientAppCallable) -> ClientAppCallable:
     return fit
 
 
-def to_fitres(reply: Message, names: list[str], cfg: RunConfig) -> FitRes:
+def to_fitres(reply: Message, names: list[str], cfg: SecAggConfig) -> FitRes:
     """The handler's reply as Flower's legacy ``FitRes`` for ``secaggplus_mod``.
 
     The arrays go in the order of ``names`` (the server's), as float64, the dtype

@@ -13,34 +13,31 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from apps.central_dp import latest_ledger
-from apps.records import load_arrays, model_to_arrays
+from apps.central_eval import central_evaluator
+from apps.records import model_to_arrays
 from apps.run_lease import held_lease
 from apps.secagg import catalog_strategy_class
 from apps.strategy import RoundReport, make_inner_strategy
 from fedobj import keys
 from fedobj.calibration import CalibrationSettings
 from fedobj.catalog import NotFoundError, RunRecord, SyncCatalog, VersionRecord
-from fedobj.classmap import ClassMap
 from fedobj.config import RunConfig
-from fedobj.confusion import confusion_metrics
 from fedobj.data.categories import FASHION_MNIST_NAMES
-from fedobj.data.node_data import load_test_set
 from fedobj.errors import ConfigError, FedObjError
 from fedobj.model.checkpoint import FORMAT_VERSION
-from fedobj.model.factory import ModelArgs, build_model, head_keys
+from fedobj.model.factory import ModelArgs, build_model
 from fedobj.outputs import (
     RunOutputs,
     code_revision,
     package_versions,
     write_json_atomic,
 )
-from fedobj.privacy import check_dp_compatible
+from fedobj.privacy import LEDGER_SCOPE_RECORD, check_dp_compatible, run_ledger_scope
 from fedobj.registry import ArtifactStore
-from fedobj.train import LabelledTensors, evaluate, map_to_class_map
 
 log = logging.getLogger("fedobj.server")
 app = ServerApp()
@@ -85,44 +82,6 @@ def wait_for_nodes(
     return count
 
 
-class CentralEvaluator:
-    """Evaluates the global model on Fashion-MNIST's test split (the server's data).
-
-    The test images are mapped through each round's class map (categories not in
-    the catalog are left out; inactive ones are never predicted), cached per map.
-    """
-
-    def __init__(self, cfg: RunConfig, args: ModelArgs) -> None:
-        self.test = load_test_set(cfg.dataset_dir, args.in_channels, args.image_size)
-        self.args = args
-        self._cache: dict[tuple[ClassMap, int], tuple[LabelledTensors, torch.nn.Module]]
-        self._cache = {}
-
-    def __call__(
-        self, server_round: int, arrays: ArrayRecord, class_map: ClassMap
-    ) -> dict[str, float]:
-        # the head's rows come from the arrays: after a hard-deleted category the
-        # class map may end below the head, never above it
-        rows = int(arrays[head_keys(self.args)[0]].numpy().shape[0])
-        key = (class_map, rows)
-        if key not in self._cache:
-            self._cache = {
-                key: (
-                    map_to_class_map(self.test, class_map).tensors,
-                    build_model(self.args.with_classes(rows)),
-                )
-            }
-        data, model = self._cache[key]
-        load_arrays(model, arrays)
-        res = evaluate(model, data, class_map.active_indices)
-        out = {"accuracy": res.accuracy, "loss": res.loss}
-        out.update(
-            {f"class-{k}-accuracy": v for k, v in res.per_class_accuracy.items()}
-        )
-        out.update(confusion_metrics(res.confusion))
-        return out
-
-
 def _mean(results: list[dict[str, float]], key: str) -> float | None:
     pairs = [(r[key], r.get(keys.NUM_EXAMPLES, 0.0)) for r in results if key in r]
     total = sum(w for _, w in pairs)
@@ -145,23 +104,25 @@ def main(grid: Grid, context: Context) -> None:
 def open_catalog(cfg: RunConfig, outputs_root: Path) -> SyncCatalog:
     """The run's catalog, migrated, seeded on first use with Fashion-MNIST names."""
     catalog = SyncCatalog(
-        cfg.database_url or None, default_path=outputs_root / "catalog.db"
+        cfg.deployment.database_url or None, default_path=outputs_root / "catalog.db"
     )
     catalog.migrate()
-    if cfg.initial_categories and catalog.snapshot().num_classes == 0:
-        catalog.seed_categories(FASHION_MNIST_NAMES[: cfg.initial_categories])
+    seeded = cfg.growth.initial_categories
+    if seeded and catalog.snapshot().num_classes == 0:
+        catalog.seed_categories(FASHION_MNIST_NAMES[:seeded])
     return catalog
 
 
 def run(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config)
     run_id = str(context.run_id)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.training.seed)
     outputs_root = cfg.resolve_outputs_dir()
     outputs_root.mkdir(parents=True, exist_ok=True)
     catalog = open_catalog(cfg, outputs_root)
     store = ArtifactStore(cfg.resolve_registry_uri(outputs_root))
-    with held_lease(catalog, run_id, cfg.lease_ttl, force=cfg.allow_concurrent_runs):
+    dep = cfg.deployment
+    with held_lease(catalog, run_id, dep.lease_ttl, force=dep.allow_concurrent_runs):
         try:
             _run_with_catalog(grid, cfg, run_id, outputs_root, catalog, store)
         except FedObjError as exc:  # its message says it (a full disk: path, space)
@@ -196,7 +157,7 @@ def interrupted_plan(
     if (
         run.status == "completed"
         or current.round >= run.last_round
-        or asked != cfg.num_server_rounds
+        or asked != cfg.training.num_server_rounds
     ):
         return None
     return run
@@ -222,8 +183,9 @@ def _run_with_catalog(
     store: ArtifactStore,
 ) -> None:
     first_round, parent = 1, None
-    num_rounds, lr_start = cfg.num_server_rounds, None
-    current = catalog.current_version() if cfg.resume else None
+    num_rounds, lr_start = cfg.training.num_server_rounds, None
+    dep, growth = cfg.deployment, cfg.growth
+    current = catalog.current_version() if dep.resume else None
     if current is not None:
         ckpt = store.load_checkpoint(current.checkpoint_uri, current.checkpoint_sha256)
         args, class_map = ckpt.model_args, ckpt.class_map
@@ -252,21 +214,20 @@ def _run_with_catalog(
             )
     else:
         class_map = catalog.snapshot()
+        m = cfg.model
         args = ModelArgs(
-            cfg.model,
-            max(class_map.num_classes, 1),
-            cfg.in_channels,
-            cfg.image_size,
-            cfg.norm,
+            m.model, max(class_map.num_classes, 1), m.in_channels, m.image_size, m.norm
         )
-        initial = model_to_arrays(build_model(args, cfg.pretrained_path or None))
-    if cfg.dp:  # before round 1: a BatchNorm model cannot be trained privately
+        initial = model_to_arrays(build_model(args, m.pretrained_path or None))
+    # simulated devices' DP ledgers: this run's, or those of the run it resumes
+    scope = run_ledger_scope(catalog, run_id, current.run_id if current else None)
+    if cfg.privacy.dp:  # before round 1: a BatchNorm model cannot train privately
         check_dp_compatible(
             build_model(args),
-            cfg.dp_grad_sample_mode,
-            (cfg.in_channels, cfg.image_size, cfg.image_size),
+            cfg.privacy.dp_grad_sample_mode,
+            (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size),
         )
-    central = CentralEvaluator(cfg, args) if cfg.central_eval else None
+    central = central_evaluator(cfg, args, class_map)
 
     outputs = RunOutputs.create(outputs_root, run_id)
     log.info(
@@ -278,7 +239,7 @@ def _run_with_catalog(
     )
     provenance = {
         "run_config": cfg.to_flower(),
-        "seed": cfg.seed,
+        "seed": cfg.training.seed,
         "code_revision": code_revision(),
         "packages": package_versions(),
         "checkpoint_format": FORMAT_VERSION,
@@ -298,13 +259,17 @@ def _run_with_catalog(
 
     catalog.begin_run(
         run_id,
-        strategy=cfg.strategy,
-        model=cfg.model,
+        strategy=cfg.training.strategy,
+        model=cfg.model.model,
         first_round=first_round,
         last_round=first_round + num_rounds - 1,
         # a continued run keeps counting its schedule from the original start, so
         # a second crash and resume continues it the same way
-        config={**cfg.to_flower(), LR_PHASE_START: lr_start or first_round},
+        config={
+            **cfg.to_flower(),
+            LR_PHASE_START: lr_start or first_round,
+            LEDGER_SCOPE_RECORD: scope,
+        },
     )
     final: dict[str, str] = {}
 
@@ -314,11 +279,11 @@ def _run_with_catalog(
             final.update(
                 checkpoint=report.version.checkpoint_uri, version=report.version.name
             )
-        catalog.renew_lease(run_id, cfg.lease_ttl)
+        catalog.renew_lease(run_id, dep.lease_ttl)
 
     # the nodes first: central DP's noise and accounting depend on how many there are
-    n_nodes = wait_for_nodes(grid, cfg.min_nodes)
-    ledger = latest_ledger(catalog) if cfg.central_dp_epsilon > 0 else None
+    n_nodes = wait_for_nodes(grid, cfg.training.min_nodes)
+    ledger = latest_ledger(catalog) if cfg.privacy.central_dp_epsilon > 0 else None
     if ledger is not None:
         log.info("central DP: continuing the privacy ledger an earlier run recorded")
     # secagg=true: the same rounds, trained through SecAgg+ (apps/secagg.py)
@@ -329,29 +294,16 @@ def _run_with_catalog(
         model_args=args,
         run_id=run_id,
         lr_fn=cfg.lr_at,
-        head_init=cfg.head_init,
-        head_align=cfg.head_align,
-        promote=cfg.promote,
+        promote=dep.promote,
         evaluate_fn=central,
         on_round=on_round,
         provenance=provenance,
-        seed=cfg.seed,
-        distill_rounds=cfg.distill_rounds if cfg.distill_weight > 0 else 0,
-        lr_restart_on_growth=cfg.lr_restart_on_growth,
-        head_warmup_rounds=cfg.head_warmup_rounds,
-        central_dp=cfg.central_dp,
-        overlap=cfg.overlap_rounds,
-        dispatch_stagger=cfg.dispatch_stagger,
-        aggregation_weights=cfg.aggregation_weights,
+        seed=cfg.training.seed,
+        distill_rounds=growth.distill_rounds if growth.distill_weight > 0 else 0,
+        central_dp=cfg.privacy.central_dp,
+        dispatch_stagger=cfg.simulation.dispatch_stagger,
         calibration=(
-            CalibrationSettings(
-                cfg.calibration_samples,
-                cfg.calibration_steps,
-                cfg.calibration_lr,
-                cfg.calibration_freeze_head,
-            )
-            if cfg.head_calibration != "none"
-            else None
+            CalibrationSettings() if growth.head_calibration != "none" else None
         ),
     )
     if current is not None:
@@ -361,8 +313,8 @@ def _run_with_catalog(
         n_nodes,
         first_round,
         first_round + num_rounds - 1,
-        cfg.strategy,
-        cfg.model,
+        cfg.training.strategy,
+        cfg.model.model,
         class_map.num_classes,
     )
     t_start = time.time()
@@ -370,7 +322,10 @@ def _run_with_catalog(
         grid=grid,
         initial_arrays=initial,
         num_rounds=num_rounds,
-        timeout=cfg.round_timeout,
+        timeout=cfg.training.round_timeout,
+        train_config=(
+            ConfigRecord({keys.DP_LEDGER_SCOPE: scope}) if cfg.privacy.dp else None
+        ),
         class_map=class_map,
         first_round=first_round,
         parent_version=parent,
@@ -407,11 +362,7 @@ def _record_round(outputs: RunOutputs, rep: RoundReport, last_round: int) -> Non
                 if keys.IGNORED_EXAMPLES in m
                 else None,
             )
-    # with overlapping rounds, the time the round held the loop (its evaluation
-    # and version ran while the next round trained)
-    seconds = (
-        rep.critical_s if rep.critical_s is not None else time.time() - rep.started
-    )
+    seconds = time.time() - rep.started
     outputs.add_row(
         round=r,
         kind="round",

@@ -36,7 +36,6 @@ from apps.replies import weighs_examples
 from apps.roundbook import RoundBook, RoundReport, last_train_seconds
 from apps.versions import VersionKeeper
 from fedobj import keys
-from fedobj.aggregation_weights import AggregationWeights
 from fedobj.calibration import CalibrationSettings
 from fedobj.catalog import SyncCatalog
 from fedobj.catalog.records import VersionRecord
@@ -73,10 +72,9 @@ class CatalogStrategy(Strategy):
     ever sees validated replies. The other arguments configure a collaborator
     each, where they are documented: :class:`VersionKeeper` (``catalog``,
     ``store``, ``run_id``, ``promote``, ``provenance``), :class:`HeadGrowth`
-    (``model_args``, ``head_*``, ``seed``, ``distill_rounds``),
-    :class:`RoundInstructions` (``lr_*``, ``central_dp``), :class:`HeadCalibrator`
-    (``calibration``), :class:`RoundFinisher` (``evaluate_fn``, ``on_round``,
-    ``overlap``), :class:`AggregationWeights` (``aggregation_weights``) and
+    (``model_args``, ``seed``, ``distill_rounds``), :class:`RoundInstructions`
+    (``lr_fn``, ``central_dp``), :class:`HeadCalibrator` (``calibration``),
+    :class:`RoundFinisher` (``evaluate_fn``, ``on_round``) and
     :func:`apps.exchange.dispatch_plan` (``dispatch_stagger``). With fewer than
     ``min_replies`` valid replies a round leaves the model unchanged.
     """
@@ -90,8 +88,6 @@ class CatalogStrategy(Strategy):
         model_args: ModelArgs,
         run_id: str,
         lr_fn: Callable[[int], float],
-        head_init: str = "mean",
-        head_align: str = "none",
         promote: str = "latest",
         min_replies: int = 1,
         evaluate_fn: CentralEvaluation | None = None,
@@ -99,45 +95,30 @@ class CatalogStrategy(Strategy):
         provenance: dict[str, Any] | None = None,
         seed: int = 0,
         distill_rounds: int = 0,
-        lr_restart_on_growth: bool = False,
         central_dp: str = "none",
-        overlap: bool = False,
         calibration: CalibrationSettings | None = None,
         dispatch_stagger: float = 0.0,
-        aggregation_weights: str = "examples",
-        head_warmup_rounds: int = 0,
     ) -> None:
         self.versions = VersionKeeper(catalog, store, run_id, promote, provenance)
-        self.weights = AggregationWeights(aggregation_weights)
         self.inner, self.streams = inner, streams(inner)
-        self.weights.check_strategy(self.streams, type(inner).__name__)
         # a DP wrapper keeps the strategy it wraps (FedAdam's moments live there)
         self.base: Strategy = getattr(inner, "strategy", inner)
-        self.growth = HeadGrowth(
-            model_args, head_init, head_align, seed, distill_rounds, head_warmup_rounds
-        )
+        self.growth = HeadGrowth(model_args, seed, distill_rounds)
         self.instructions = RoundInstructions(
-            self.growth, lr_fn, lr_restart_on_growth, central_dp, calibration
+            self.growth, lr_fn, central_dp, calibration
         )
         self.calibrator = HeadCalibrator(calibration, seed) if calibration else None
-        self.book = RoundBook(catalog, run_id, self.weights)
-        self.finisher = RoundFinisher(
-            self.versions, self.book, evaluate_fn, on_round, overlap
-        )
+        self.book = RoundBook(catalog, run_id)
+        self.finisher = RoundFinisher(self.versions, self.book, evaluate_fn, on_round)
         self.catalog, self.run_id, self.min_replies = catalog, run_id, min_replies
         self.central_dp, self.dispatch_stagger = central_dp, dispatch_stagger
         # what the collaborators keep, where callers and tests look for it
         self.reports = self.book.reports
         self.last_train_seconds = self.book.last_train_seconds
-        self.run_label_counts = self.weights.counts
 
     @property
     def class_map(self) -> ClassMap:
         return self.growth.class_map
-
-    def class_weights(self) -> dict[str, float]:
-        """This run's class-balanced per-image weights of the active categories."""
-        return self.weights.class_weights(self.growth.active_slugs)
 
     def restore_server_state(self, version: VersionRecord) -> None:
         """Give the inner strategy the optimizer moments ``version`` saved."""
@@ -147,9 +128,8 @@ class CatalogStrategy(Strategy):
 
     def summary(self) -> None:
         log.info(
-            "CatalogStrategy around %s: head-init %s, promote %s",
+            "CatalogStrategy around %s: promote %s",
             type(self.inner).__name__,
-            self.growth.init,
             self.versions.promote,
         )
         self.inner.summary()
@@ -219,20 +199,19 @@ class CatalogStrategy(Strategy):
         arrays = initial_arrays
         run = _Run(grid, timeout, train_config, evaluate_config)
         t_start = time.time()
-        with self.finisher.run(result):
-            for server_round in range(first_round, first_round + num_rounds):
-                try:
-                    arrays, end = self._round(run, server_round, arrays)
-                except PrivacyBudgetExhausted as exc:
-                    # the budget is a stop, not a failure: every version so far stands
-                    log.warning(
-                        "central DP budget reached: round %d not run, stopping (%s)",
-                        server_round,
-                        exc,
-                    )
-                    break
-                result.arrays = arrays
-                self.finisher.submit(end)
+        for server_round in range(first_round, first_round + num_rounds):
+            try:
+                arrays, end = self._round(run, server_round, arrays)
+            except PrivacyBudgetExhausted as exc:
+                # the budget is a stop, not a failure: every version so far stands
+                log.warning(
+                    "central DP budget reached: round %d not run, stopping (%s)",
+                    server_round,
+                    exc,
+                )
+                break
+            result.arrays = arrays
+            self.finisher.finish(end, result)
         log.info("%d rounds in %.1f s", num_rounds, time.time() - t_start)
         return result
 
@@ -243,7 +222,7 @@ class CatalogStrategy(Strategy):
         what the round's finish needs (centralised evaluation, version, rows)."""
         started = time.time()
         rolled_back = parent = None  # unless an admin made another version current
-        followed = self.versions.follow_rollback(server_round, self.base)
+        followed = self.versions.follow_rollback(self.base)
         if followed is not None:
             version, ckpt = followed
             self.growth.follow(ckpt.class_map, ckpt.model_args)
@@ -251,24 +230,17 @@ class CatalogStrategy(Strategy):
             rolled_back, parent = version.name, version.id
         snapshot = self.catalog.snapshot()  # once per round (contract 3)
         arrays, grew_from = self.growth.grow(arrays, snapshot, server_round, self.base)
-        if grew_from is not None:
-            self.instructions.grew(server_round)
         lr = self.instructions.lr_at(server_round)
         report = RoundReport(server_round, started, lr, self.class_map)
         report.grew_from, report.rolled_back_to = grew_from, rolled_back
         self.book.open(report)
-        sent = arrays
         arrays, replied = self._train(
             run.grid, server_round, arrays, run.timeout, run.train_config, report
         )
-        if self.growth.head_only(server_round):
-            arrays = self.growth.keep_extractor(sent, arrays)
         arrays = self._evaluate(run, arrays, report)
         end = RoundEnd(
             report, arrays, self.growth, self.base, parent=parent, replied=replied
         )
-        if self.finisher.overlap:
-            report.critical_s = time.time() - started
         return arrays, end
 
     def _train(
@@ -289,10 +261,7 @@ class CatalogStrategy(Strategy):
             raise
         self.book.start(report, len(messages))
         alpha = getattr(self.base, "perf_alpha", None)  # PerfFedAvg's
-        weights = self.weights.for_round(self.growth.active_slugs)
-        folder = ReplyFolder(
-            arrays, stream=self.streams, perf_alpha=alpha, class_weights=weights
-        )
+        folder = ReplyFolder(arrays, stream=self.streams, perf_alpha=alpha)
         last, stagger = self.last_train_seconds, self.dispatch_stagger
         fold_replies(
             grid, messages, timeout, folder, last_seconds=last, stagger=stagger
@@ -306,7 +275,7 @@ class CatalogStrategy(Strategy):
                 partial(self.aggregate_train, server_round)
             )
             if aggregated is not None:
-                arrays = self._align(aggregated)
+                arrays = aggregated
         else:
             log.warning(
                 "round %d: %d valid replies (< %d): the model is unchanged",
@@ -316,10 +285,6 @@ class CatalogStrategy(Strategy):
             )
         report.privacy = central_spend(server_round, self.inner, self.central_dp)
         return arrays, folder.valid_count
-
-    def _align(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The aggregate with the last growth's rows aligned (SecAgg+ calls it)."""
-        return self.growth.align(arrays)
 
     def _evaluate(
         self, run: _Run, arrays: ArrayRecord, report: RoundReport

@@ -3,11 +3,10 @@
 Contract 6: every round leaves a version (checkpoint, metrics, class map, parent,
 provenance, the server optimizer's state), exactly one version is current, and a
 rollback makes an older one current that the next round continues from. An
-admin may move the current version at any time, also while a round trains or (with
-overlapping rounds) while an older round is still being registered, so
-:class:`VersionKeeper` keeps what this run believes is current and compares it,
-under one lock, with the catalog when a round starts and when a version is
-registered: the admin's choice always wins.
+admin may move the current version at any time, also while a round trains, so
+:class:`VersionKeeper` keeps what this run believes is current and compares it
+with the catalog when a round starts and when a version is registered: the
+admin's choice always wins.
 
 It needs no Flower type: the model comes as a state dict, and the server
 optimizer (the inner Flower strategy) is only read and written through its
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
 from typing import Any
 
 import numpy as np
@@ -86,15 +84,10 @@ class VersionKeeper:
         self.promote = promote
         self.provenance = dict(provenance or {})
         # the version the last finished round registered (parent of the next one
-        # unless a rollback intervenes), the version this run believes is current
-        # (a difference is an admin's move), and the last round that started from
-        # a rolled-back version (older rounds finishing later never become current);
-        # the lock makes "read current, register, update" atomic against the check
-        # at the start of a round
+        # unless a rollback intervenes), and the version this run believes is
+        # current (a difference is an admin's move)
         self.last_version_id: Any = None
         self.expected_current: Any = None
-        self.rollback_round = 0
-        self._lock = threading.Lock()
 
     def begin(self, parent_version: Any = None) -> None:
         """A run (or its resumption) starts from ``parent_version``, if any."""
@@ -104,19 +97,16 @@ class VersionKeeper:
         else:  # a fresh model does not "roll back" to what an older run left current
             current = self.catalog.current_version()
             self.expected_current = current.id if current is not None else None
-        self.rollback_round = 0
 
     def follow_rollback(
-        self, server_round: int, optimizer: Any = None
+        self, optimizer: Any = None
     ) -> tuple[VersionRecord, Checkpoint] | None:
         """If an admin made another version current, the version and its checkpoint
         to continue from (``optimizer``'s moments restored from it); else None."""
-        with self._lock:
-            current = self.catalog.current_version()
-            if current is None or current.id == self.expected_current:
-                return None
-            self.expected_current = current.id
-            self.rollback_round = server_round
+        current = self.catalog.current_version()
+        if current is None or current.id == self.expected_current:
+            return None
+        self.expected_current = current.id
         ckpt = self.store.load_checkpoint(
             current.checkpoint_uri, current.checkpoint_sha256
         )
@@ -172,9 +162,8 @@ class VersionKeeper:
         Parent: the version the round started from (``parent`` after a rollback,
         else the one the previous round registered). Current: yes, unless an admin
         moved the current version since this run last set it (their choice wins;
-        the next round starts from it), or a later round already started from a
-        rolled-back version, or ``promote="best"`` finds a better one (a round
-        that ``grew`` the head is always made current).
+        the next round starts from it), or ``promote="best"`` finds a better one
+        (a round that ``grew`` the head is always made current).
         """
         key = f"{self.run_id}/round-{server_round:03d}"
         metrics = dict(metrics)
@@ -198,25 +187,22 @@ class VersionKeeper:
             )
             state_uri = state_art.uri
             provenance["server_state_sha256"] = state_art.sha256
-        with self._lock:  # against the check at the start of a round
-            version = self.catalog.register_version(
-                run_id=self.run_id,
-                round=server_round,
-                class_map=class_map,
-                metrics=metrics,
-                checkpoint_uri=art.uri,
-                checkpoint_sha256=art.sha256,
-                size_bytes=art.size,
-                provenance=provenance,
-                parent=parent if parent is not None else self.last_version_id,
-                make_current=self._becomes_current(
-                    server_round, grew, metrics, class_map
-                ),
-                server_state_uri=state_uri,
-            )
-            self.last_version_id = version.id  # our model is this version now
-            if version.is_current:
-                self.expected_current = version.id
+        version = self.catalog.register_version(
+            run_id=self.run_id,
+            round=server_round,
+            class_map=class_map,
+            metrics=metrics,
+            checkpoint_uri=art.uri,
+            checkpoint_sha256=art.sha256,
+            size_bytes=art.size,
+            provenance=provenance,
+            parent=parent if parent is not None else self.last_version_id,
+            make_current=self._becomes_current(server_round, grew, metrics, class_map),
+            server_state_uri=state_uri,
+        )
+        self.last_version_id = version.id  # our model is this version now
+        if version.is_current:
+            self.expected_current = version.id
         return version
 
     def _becomes_current(
@@ -226,16 +212,7 @@ class VersionKeeper:
         metrics: dict[str, float],
         class_map: ClassMap,
     ) -> bool:
-        """Whether the round's version is made current (see :meth:`register`);
-        called with the lock held."""
-        if server_round < self.rollback_round:
-            # a later round already continues from a rolled-back version
-            log.info(
-                "round %d: a later round continues from a rolled-back version; "
-                "this round's version is registered but not made current",
-                server_round,
-            )
-            return False
+        """Whether the round's version is made current (see :meth:`register`)."""
         current = self.catalog.current_version()
         if current is not None and current.id != self.expected_current:
             # an admin rolled back while this round ran: their choice wins, and the

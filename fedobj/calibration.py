@@ -124,13 +124,13 @@ class StatsSum:
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """Run config ``calibration-*``: virtual features per class, full-batch SGD
-    steps and learning rate (momentum 0.9)."""
+    """Virtual features per class, full-batch SGD steps and learning rate
+    (momentum 0.9). A run uses the defaults, the values measured: a longer fit
+    (500 features, 300 steps) was within the noise (simulations/README.md)."""
 
     samples: int = 200
     steps: int = 100
     lr: float = 0.1
-    freeze_head: bool = False  # nodes train the extractor only
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ DISTILL_CLASSES = "distill-classes"  # > 0 after growth: distil the first k clas
 SECAGG_ARRAY_NAMES = "secagg-array-names"  # json list: names of the legacy arrays
 CENTRAL_DP = "central-dp"  # the central-DP mode; its replies weigh 1 each
 FEATURE_STATS = "feature-stats"  # true: send per-class feature statistics (CCVR)
-FREEZE_HEAD = "freeze-head"  # true: train the extractor only, keep the head received
-HEAD_ONLY = "head-only"  # true: train the head only, keep the extractor received
+# dp=true: whose ledgers simulated devices spend (the run, or the run it resumes)
+DP_LEDGER_SCOPE = "dp-ledger-scope"
 
 # MetricRecord keys (node -> server).
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fedobj.cli.common import OutputsOpt, console, err_console, fail, outputs_dir
+from fedobj.errors import FedObjError
 
 runs_app = typer.Typer(help="Runs and their outputs.", no_args_is_help=True)
 
@@ -113,10 +115,19 @@ def run_cmd(
     Flower's ``flwr run --stream`` returns 0 even when the run failed; this reads
     the run's status from the SuperLink, exits 1 with the run's error in one line
     when it did not complete, and otherwise shows that run's (never an older
-    run's) rounds.
+    run's) rounds. A ``--run-config`` naming a retired or unknown key exits 1
+    before the run is submitted, saying which (Flower's own refusal names the
+    key but not why).
     """
+    from fedobj.config import check_keys, parse_overrides
     from fedobj.launch import launch
 
+    if run_config:  # a retired or misspelt key: one line, before anything starts
+        try:
+            check_keys(parse_overrides(run_config))
+        except FedObjError as exc:
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+            raise typer.Exit(code=1) from None
     args = [str(app_dir), *([connection] if connection else [])]
     if federation_config:
         args += ["--federation-config", federation_config]

@@ -2,24 +2,22 @@
 
 A pure function of arrays: the strategy decides *when* to grow, this module only
 *how*. Old rows are copied bit for bit, so every old class's logit is unchanged
-until training moves it; new rows are initialised per ``head-init``:
+until training moves it; new rows are initialised by ``init``:
 
-- ``"mean"``: the mean of the old rows (new classes start as "an average class",
-  which keeps their logits in the range of the old ones) plus small noise to break
-  symmetry between several new rows; bias = mean of the old biases;
-- ``"random"``: normal with the old rows' standard deviation, bias = min old bias
-  (new classes start unlikely, so old predictions are not disturbed);
-- ``"zeros"``: zero weights and zero bias (optimizer-state growth uses this too).
+- ``"mean"`` (the head's): the mean of the old rows (new classes start as "an
+  average class", which keeps their logits in the range of the old ones) plus
+  small noise to break symmetry between several new rows; bias = mean of the old
+  biases;
+- ``"zeros"``: zero weights and zero bias (what optimizer-state growth uses).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
-HEAD_INITS = ("mean", "random", "zeros")
-HEAD_ALIGNS = ("none", "norm", "norm-bias")
+HEAD_INITS = ("mean", "zeros")
 
 
 def grow_rows(
@@ -30,23 +28,17 @@ def grow_rows(
     if new_n < old_n:
         raise ValueError(f"cannot shrink a head from {old_n} to {new_n} rows")
     if init not in HEAD_INITS:
-        raise ValueError(f"head-init must be one of {HEAD_INITS}, got {init!r}")
+        raise ValueError(f"init must be one of {HEAD_INITS}, got {init!r}")
     extra_shape = (new_n - old_n, *array.shape[1:])
     if init == "zeros" or old_n == 0:
         extra = np.zeros(extra_shape, dtype=array.dtype)
-    elif init == "mean":
+    else:  # mean
         rng = np.random.default_rng(seed)
         mean = array.mean(axis=0, keepdims=True)
         scale = 0.01 * (float(array.std()) or 1.0)
         extra = mean + rng.normal(0.0, scale, extra_shape)
         if array.ndim == 1:  # a bias: no noise, the mean of the old biases
             extra = np.broadcast_to(mean, extra_shape).copy()
-    else:  # random
-        rng = np.random.default_rng(seed)
-        if array.ndim == 1:
-            extra = np.full(extra_shape, array.min())
-        else:
-            extra = rng.normal(0.0, float(array.std()) or 0.01, extra_shape)
     return np.concatenate([array, extra.astype(array.dtype)], axis=0)
 
 
@@ -74,47 +66,3 @@ def grow_head(
             )
         out[key] = grow_rows(arrays[key], new_n, init, seed)
     return out
-
-
-def align_new_rows(
-    weight: np.ndarray, old: Sequence[int], new: Sequence[int]
-) -> tuple[np.ndarray, float]:
-    """Scale the ``new`` rows so their mean norm equals the ``old`` rows' mean norm.
-
-    Weight aligning (Zhao et al., CVPR 2020): after a growth the rows of classes
-    trained for fewer rounds, or by fewer nodes, end up with a different scale
-    than the old ones, and the argmax favours whichever group is larger. Matching
-    the mean row norms removes that bias without touching the rows' directions.
-    Returns the new weight (a copy) and the factor applied (1.0 if nothing to do).
-    """
-    out = np.array(weight, copy=True)
-    if not old or not new:
-        return out, 1.0
-    flat = out.reshape(out.shape[0], -1)
-    old_norm = float(np.linalg.norm(flat[list(old)], axis=1).mean())
-    new_norm = float(np.linalg.norm(flat[list(new)], axis=1).mean())
-    if not (np.isfinite(old_norm) and np.isfinite(new_norm)) or new_norm == 0.0:
-        return out, 1.0
-    gamma = old_norm / new_norm
-    out[list(new)] *= np.asarray(gamma, dtype=out.dtype)
-    return out, gamma
-
-
-def align_new_biases(
-    bias: np.ndarray, old: Sequence[int], new: Sequence[int]
-) -> tuple[np.ndarray, float]:
-    """Shift the ``new`` biases so their mean equals the ``old`` biases' mean.
-
-    The companion of :func:`align_new_rows` for ``head-align="norm-bias"``: the
-    norms set the logits' scale, the biases their offset, and a group whose
-    biases sit lower is predicted less whatever its rows say. Returns the new
-    bias (a copy) and the shift applied.
-    """
-    out = np.array(bias, copy=True)
-    if not old or not new:
-        return out, 0.0
-    shift = float(out[list(old)].mean() - out[list(new)].mean())
-    if not np.isfinite(shift):
-        return out, 0.0
-    out[list(new)] += np.asarray(shift, dtype=out.dtype)
-    return out, shift

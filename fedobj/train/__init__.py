@@ -7,7 +7,7 @@ two cores.
 
 One module per job: :mod:`~fedobj.train.tensors` (a node's data, mapped through the
 class map), :mod:`~fedobj.train.settings` (what a stretch is asked and reports),
-:mod:`~fedobj.train.losses` (masking, local-loss variants, distillation),
+:mod:`~fedobj.train.losses` (masking, distillation),
 :mod:`~fedobj.train.loop` (the plain SGD loop), :mod:`~fedobj.train.evaluation`,
 :mod:`~fedobj.train.schedule` (the per-round learning rate) and
 :mod:`~fedobj.train.private` (DP-SGD). This package re-exports their public names,
@@ -16,13 +16,7 @@ which is how the apps, the simulations and the tests import them.
 
 from fedobj.train.evaluation import EvalResult, evaluate
 from fedobj.train.loop import channels_last, train
-from fedobj.train.losses import (
-    LOCAL_LOSSES,
-    adjusted_logits,
-    distillation_loss,
-    local_loss_logits,
-    restricted_logits,
-)
+from fedobj.train.losses import DISTILL_TEMPERATURE, distillation_loss
 from fedobj.train.private import (
     DP_GRAD_SAMPLE_MODES,
     DpSettings,
@@ -45,8 +39,8 @@ from fedobj.train.tensors import (
 )
 
 __all__ = [
+    "DISTILL_TEMPERATURE",
     "DP_GRAD_SAMPLE_MODES",
-    "LOCAL_LOSSES",
     "PIXEL_MEAN",
     "PIXEL_STD",
     "DpSettings",
@@ -56,18 +50,15 @@ __all__ = [
     "PrivateTrainResult",
     "TrainConfig",
     "TrainResult",
-    "adjusted_logits",
     "batch_mixing_layers",
     "bookkeeping_private",
     "channels_last",
     "distillation_loss",
     "dp_plan",
     "evaluate",
-    "local_loss_logits",
     "lr_for_round",
     "map_to_class_map",
     "resolve_grad_sample_mode",
-    "restricted_logits",
     "to_input",
     "train",
     "train_private",

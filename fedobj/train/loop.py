@@ -1,8 +1,8 @@
-"""The local training loop, readable top to bottom: SGD with momentum, FedProx,
-LwF distillation and the local-loss variants, over in-memory tensors.
+"""The local training loop, readable top to bottom: SGD with momentum, FedProx
+and LwF distillation, over in-memory tensors.
 
-One seed decides everything random in it (batch order, flips, dropout), so one
-seed gives one result whichever process or actor runs it.
+One seed decides everything random in it (batch order, dropout), so one seed
+gives one result whichever process or actor runs it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedobj.model.fastpath import fast_forward
-from fedobj.train.losses import distillation_loss, local_loss_logits, logit_mask
+from fedobj.train.losses import distillation_loss, logit_mask
 from fedobj.train.settings import TrainConfig, TrainResult
 from fedobj.train.tensors import LabelledTensors, to_input
 
@@ -34,33 +34,20 @@ def train(
     (its gradient is mu * (w - w_global)), which avoids building it into the graph.
     With a ``teacher`` (the global model as received) and ``cfg.distill_classes``
     k > 0, the loss also pulls the old classes' outputs towards the teacher's, so a
-    node holding only new-category images does not erase what the head knew
-    (``distill_samples="old"`` distils on old-class images only: such a node
-    then trains as without distillation).
+    node holding only new-category images does not erase what the head knew.
 
-    ``cfg.seed`` decides everything random in it: the batch order, the flips,
-    and dropout's masks (the global CPU RNG, seeded inside ``fork_rng`` so the
+    ``cfg.seed`` decides everything random in it: the batch order and dropout's
+    masks (the global CPU RNG, seeded inside ``fork_rng`` so the
     caller's stream is left as it was): one seed, one result, whichever process
     or actor runs it.
     """
     if len(data) == 0:
         raise ValueError("no training samples after mapping through the class map")
-    # frozen parameters need no gradient: a head-only round backpropagates
-    # through the head alone
-    frozen = [
-        p for n, p in model.named_parameters() if n in cfg.frozen and p.requires_grad
-    ]
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        with channels_last(model, teacher), torch.random.fork_rng(devices=[]):
-            # the CPU generator only (fork_rng restores no other); a stream of
-            # its own, not the batch order's
-            torch.default_generator.manual_seed(_dropout_seed(cfg.seed))
-            return _train(model, data, cfg, active, teacher)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    with channels_last(model, teacher), torch.random.fork_rng(devices=[]):
+        # the CPU generator only (fork_rng restores no other); a stream of its
+        # own, not the batch order's
+        torch.default_generator.manual_seed(_dropout_seed(cfg.seed))
+        return _train(model, data, cfg, active, teacher)
 
 
 def _dropout_seed(seed: int) -> int:
@@ -98,10 +85,7 @@ def _train(
 ) -> TrainResult:
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed)
-    names = {n for n, _ in model.named_parameters()}
-    if unknown := set(cfg.frozen) - names:
-        raise ValueError(f"cannot freeze {sorted(unknown)}: no such parameter")
-    params = [p for n, p in model.named_parameters() if n not in cfg.frozen]
+    params = list(model.parameters())
     # fused: one kernel per parameter for momentum, decay and update (0.17 against
     # 0.45 ms a step for the cnn); the same update to float32 rounding
     fused = all(p.dtype in (torch.float32, torch.float64) for p in params)
@@ -124,11 +108,8 @@ def _train(
     ]
     distil = teacher is not None and len(old) > 1 and cfg.distill_weight > 0
     old_classes = torch.as_tensor(old, dtype=torch.long)
-    counts = torch.bincount(data.labels, minlength=num_classes)[:num_classes]
     if teacher is not None:
         teacher.eval()
-    for module in _frozen_norms(model, set(cfg.frozen)):
-        module.eval()  # its running statistics stay as received too
     forward = fast_forward(model)
     teacher_forward = fast_forward(teacher) if teacher is not None else None
     n = len(data)
@@ -141,29 +122,17 @@ def _train(
             if len(idx) < 2 and n >= 2:
                 continue  # BatchNorm cannot train on a batch of one
             x = to_input(data.images[idx]).contiguous(memory_format=torch.channels_last)
-            if cfg.augment:
-                flip = torch.rand(len(idx), generator=gen) < 0.5
-                x[flip] = x[flip].flip(-1)
             y = data.labels[idx]
             raw = forward(x)
-            shaped = local_loss_logits(raw, counts, cfg)
-            logits = shaped + mask if mask is not None else shaped
+            logits = raw + mask if mask is not None else raw
             loss = F.cross_entropy(logits, y)
             if distil:
                 assert teacher_forward is not None
-                keep = y < cfg.distill_classes if cfg.distill_samples == "old" else None
-                if keep is None or bool(keep.any()):
-                    with torch.no_grad():
-                        target = teacher_forward(x)
-                    student = raw
-                    if keep is not None:
-                        student, target = raw[keep], target[keep]
-                    # a batch mean over the kept images, scaled by their share:
-                    # each kept image pulls as hard as under "all"
-                    share = 1.0 if keep is None else float(keep.sum()) / len(y)
-                    loss = loss + cfg.distill_weight * share * distillation_loss(
-                        student, target, old_classes, cfg.distill_temperature
-                    )
+                with torch.no_grad():
+                    target = teacher_forward(x)
+                loss = loss + cfg.distill_weight * distillation_loss(
+                    raw, target, old_classes
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.proximal_mu > 0:
@@ -173,29 +142,13 @@ def _train(
                             p.grad.add_(p - g, alpha=cfg.proximal_mu)
             opt.step()
             total_loss += loss.item() * len(idx)
-            # accuracy of the full head, as evaluated, not of the shaped logits
-            full = raw.detach() + mask if mask is not None else raw.detach()
-            correct += int((full.argmax(1) == y).sum())
+            correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(idx)
             steps += 1
     seconds = time.perf_counter() - t0
     if seen == 0:
         return TrainResult(float("nan"), 0.0, 0, 0, seconds)
     return TrainResult(total_loss / seen, correct / seen, seen, steps, seconds)
-
-
-def _frozen_norms(model: nn.Module, frozen: set[str]) -> list[nn.Module]:
-    """The batch-norm layers whose every parameter is frozen: training mode
-    would still move their running statistics, so they run in eval mode."""
-    out: list[nn.Module] = []
-    for prefix, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            own = [
-                f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()
-            ]
-            if own and set(own) <= frozen:
-                out.append(module)
-    return out
 
 
 def num_outputs(model: nn.Module, data: LabelledTensors) -> int:

@@ -332,7 +332,7 @@ def run_federation(
     with tempfile.TemporaryDirectory(prefix="fedobj-privacy-") as cache:
         ledgers = [PrivacyLedger.load(cache, f"dev-{i}") for i in range(args.nodes)]
         for rnd in range(1, args.rounds + 1):
-            lr = lr_for_round(args.lr, "cosine", rnd, args.rounds, lr_min=args.lr_min)
+            lr = lr_for_round(args.lr, rnd, args.rounds, lr_min=args.lr_min)
             local = []
             for i, data in enumerate(fed.nodes):
                 model = copy.deepcopy(global_model)

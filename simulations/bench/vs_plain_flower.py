@@ -353,7 +353,7 @@ def main() -> None:
     # hyper-parameter: the nodes train the same, in another order)
     ours_only = (
         'strategy="fedavg" partitioner="dirichlet" model="cnn" norm="group" '
-        'lr-schedule="cosine" augment=false central-eval=true '
+        "central-eval=true "
         f"dispatch-stagger={args.dispatch_stagger}"
     )
     p = args.port_base

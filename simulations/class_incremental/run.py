@@ -39,9 +39,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedobj.catalog import SyncCatalog
+from fedobj.config import check_keys, parse_overrides
 from fedobj.data.categories import FASHION_MNIST_NAMES, FASHION_MNIST_SLUGS
 from fedobj.data.fashion_mnist import ImageArrays
 from fedobj.data.node_data import load_test_set
+from fedobj.errors import ConfigError
 from fedobj.launch import RunWatch
 from fedobj.model import Checkpoint, load_checkpoint
 from fedobj.superlink import LocalSuperLink
@@ -51,10 +53,8 @@ ROOT = Path(__file__).resolve().parents[2]
 OLD = 6
 # The recipe each setting runs unless ``--recipe none``. ``all`` goes to every
 # variant (joint included: the comparison is like for like); ``growth`` only to the
-# variants whose head grows: after a growth the learning-rate schedule starts over
-# and spans the rounds left ({after} = rounds - grow-after - 1), so the new rows
-# learn at the full rate and the run still ends at ``lr-min``. Joint training has
-# no growth and keeps one schedule over all its rounds.
+# variants whose head grows ({after} in it: the rounds left after the growth,
+# rounds - grow-after - 1).
 # disjoint: head calibration with virtual features (0.80-0.82 all-class against
 # 0.64-0.71 without; joint on the same disjoint data 0.82 with it, 0.66-0.70
 # without), statistics from every node's evaluation.
@@ -82,7 +82,9 @@ def recipe_config(setting: str, variant: str, args: argparse.Namespace) -> str:
 
 def merge_run_config(*parts: str) -> str:
     """Flower run-config strings merged, a later ``key=value`` replacing an
-    earlier one (Flower refuses a key given twice)."""
+    earlier one (Flower refuses a key given twice); a retired or unknown key
+    ends the script with the line that names it (Flower's own refusal does
+    not)."""
     merged: dict[str, str] = {}
     for part in parts:
         pairs = re.findall(r'([^\s=]+)=("[^"]*"|\S+)', part)
@@ -90,7 +92,12 @@ def merge_run_config(*parts: str) -> str:
         if leftover:
             raise SystemExit(f"run config: cannot read {leftover!r} in {part!r}")
         merged.update(pairs)
-    return " ".join(f"{k}={v}" for k, v in merged.items())
+    text = " ".join(f"{k}={v}" for k, v in merged.items())
+    try:
+        check_keys(parse_overrides(text))
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    return text
 
 
 def class_accuracies(metrics: dict[str, float]) -> tuple[float, float, float]:

@@ -7,7 +7,6 @@ never reach aggregation, every round leaves a version, a rollback is honoured.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -33,7 +31,6 @@ from fedobj.calibration import CalibrationSettings
 from fedobj.catalog import SyncCatalog
 from fedobj.data.categories import FASHION_MNIST_NAMES
 from fedobj.model import ModelArgs, build_model
-from fedobj.model.factory import head_keys
 from fedobj.registry import ArtifactStore
 from tests.apps.helpers import error_reply, set_task_identity
 
@@ -148,7 +145,6 @@ def setup(tmp_path: Path):
 
 
 def make(inner, catalog, store, args, **kw) -> CatalogStrategy:  # noqa: ANN001
-    kw.setdefault("overlap", True)  # the harder path; tests that need order say so
     return CatalogStrategy(
         inner,
         catalog=catalog,
@@ -221,12 +217,7 @@ def test_growth_between_rounds_keeps_old_rows_and_rejects_stale_replies(setup) -
     grid.after_round[1] = lambda: [
         catalog.add_category(n) for n in FASHION_MNIST_NAMES[6:]
     ]
-    strategy = make_fedavg(
-        catalog,
-        store,
-        args,
-        head_init="mean",
-    )
+    strategy = make_fedavg(catalog, store, args)
     strategy.start(grid, initial, num_rounds=2)
 
     v1 = [v for v in catalog.list_versions() if v.round == 1][0]
@@ -342,15 +333,9 @@ def wait_for_version(catalog: SyncCatalog, server_round: int) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_rollback_during_a_round_wins_over_that_rounds_version(
-    setup,  # noqa: ANN001
-    overlap: bool,
-) -> None:
+def test_rollback_during_a_round_wins_over_that_rounds_version(setup) -> None:  # noqa: ANN001
     """The admin rolls back to v1 while round 3 runs (v2 current): round 3's version
-    is kept but not made current, and round 4 continues from v1. With overlapping
-    rounds, round 2's version may still be on its way while round 3 trains: the
-    admin rolls back from it once it is there."""
+    is kept but not made current, and round 4 continues from v1."""
     catalog, store, args, initial = setup
     grid = ScriptedGrid(plus(1.0))
 
@@ -359,12 +344,7 @@ def test_rollback_during_a_round_wins_over_that_rounds_version(
         catalog.set_current(next(v for v in catalog.list_versions() if v.round == 1).id)
 
     grid.after_round[3] = roll_back
-    strategy = make_fedavg(
-        catalog,
-        store,
-        args,
-        overlap=overlap,
-    )
+    strategy = make_fedavg(catalog, store, args)
     strategy.start(grid, initial, num_rounds=4)
     v = {x.round: x for x in catalog.list_versions()}
     assert not v[3].is_current and v[3].parent_id == v[2].id
@@ -392,7 +372,7 @@ def test_a_fresh_run_makes_its_versions_current_over_an_older_run(setup) -> None
     assert current is not None and current.run_id == "run-2"
 
 
-def test_lr_schedule_restarts_when_the_head_grows_and_on_resume(setup) -> None:
+def test_lr_schedule_runs_through_a_growth_and_restarts_on_resume(setup) -> None:
     catalog, store, args, initial = setup
     grid = ScriptedGrid(plus(1.0))
     grid.after_round[1] = lambda: catalog.add_category("Sneaker")
@@ -403,14 +383,13 @@ def test_lr_schedule_restarts_when_the_head_grows_and_on_resume(setup) -> None:
         model_args=args,
         run_id="run-1",
         lr_fn=lambda r: 1.0 / r,
-        lr_restart_on_growth=True,
     )
     strategy.start(grid, initial, num_rounds=3)
 
     def lr(rnd: int) -> float:
         return float(grid.sent[rnd][0].content.config_records[keys.CONFIG][keys.LR])
 
-    assert [lr(1), lr(2), lr(3)] == [1.0, 1.0, 0.5]  # grew at round 2
+    assert [lr(1), lr(2), lr(3)] == [1.0, 0.5, 1 / 3]  # grew at round 2
     v3 = catalog.current_version()
     strategy.start(
         grid,
@@ -421,38 +400,6 @@ def test_lr_schedule_restarts_when_the_head_grows_and_on_resume(setup) -> None:
         parent_version=v3.id,
     )
     assert lr(4) == 1.0  # a resumed run's schedule starts at its first round
-
-
-def test_a_round_finishes_while_the_next_one_trains(setup) -> None:  # noqa: ANN001
-    """Round 1's centralised evaluation waits until round 2's training messages
-    are out: it can only complete if the loop did not wait for it (overlap)."""
-    catalog, store, args, initial = setup
-    round_2_sent = threading.Event()
-    send = plus(1.0)
-
-    def train(rnd: int, node: int, msg: Message) -> Message:
-        if rnd == 2:
-            round_2_sent.set()
-        return send(rnd, node, msg)
-
-    def central(rnd: int, arrays: ArrayRecord, cmap: object) -> dict[str, float]:
-        if rnd == 1:
-            assert round_2_sent.wait(30), "round 2 did not train during round 1's end"
-        return {"accuracy": 0.1 * rnd}
-
-    strategy = make_fedavg(
-        catalog,
-        store,
-        args,
-        evaluate_fn=central,
-    )
-    result = strategy.start(ScriptedGrid(train), initial, num_rounds=2)
-    versions = sorted(catalog.list_versions(), key=lambda v: v.round)
-    assert [v.round for v in versions] == [1, 2]
-    assert versions[1].parent_id == versions[0].id and versions[1].is_current
-    assert versions[0].metrics["accuracy"] == pytest.approx(0.1)
-    assert sorted(result.evaluate_metrics_serverapp) == [1, 2]
-    assert [r.status for r in catalog.rounds("run-1")] == ["completed", "completed"]
 
 
 def test_a_failing_round_never_loses_the_previous_rounds_version(setup) -> None:  # noqa: ANN001
@@ -560,7 +507,6 @@ def test_train_messages_go_out_longest_node_first_from_round_two(setup) -> None:
             catalog,
             store,
             args,
-            overlap=False,
             dispatch_stagger=stagger,
             evaluate_fn=lambda r, a, cm: {"accuracy": 0.5},
         )
@@ -595,43 +541,6 @@ def _histogram_reply(
     return build
 
 
-def test_class_balanced_weights_make_every_category_count_the_same(setup) -> None:
-    """Node 11 holds 30 t-shirts, nodes 12 and 13 hold 10 trousers each: by
-    examples node 11 weighs 3/5; balanced (t-shirts and trousers each half of
-    the weight) it weighs 1/2. The counts are this run's (round 1, with none
-    yet, weighs by examples), not the catalog's, which earlier runs inflated."""
-    catalog, store, args, initial = setup
-    catalog.add_sample_counts({"t-shirt-top": 3000})  # earlier runs: ignored
-    plans = {
-        11: _histogram_reply(1.0, {"t-shirt-top": 30}),
-        12: _histogram_reply(2.0, {"trouser": 10}),
-        13: _histogram_reply(3.0, {"trouser": 10}),
-    }
-    grid = ScriptedGrid(lambda rnd, node, msg: plans[node](msg))
-    strategy = make_fedavg(
-        catalog,
-        store,
-        args,
-        aggregation_weights="class-balanced",
-        overlap=False,
-    )
-    strategy.start(grid, initial, num_rounds=2)
-    v1, v2 = sorted(catalog.list_versions(), key=lambda v: v.round)
-    heads = [
-        store.load_checkpoint(v.checkpoint_uri, v.checkpoint_sha256).state_dict[HEAD_W]
-        for v in (v1, v2)
-    ]
-    w0 = initial[HEAD_W].numpy()
-    # round 1: 30, 10, 10 examples; round 2: 30 x 25/30, 10 x 25/20, 10 x 25/20
-    np.testing.assert_allclose(heads[0].numpy(), w0 + 80 / 50, rtol=1e-5)
-    np.testing.assert_allclose(
-        heads[1].numpy(), w0 + 80 / 50 + (25 * 1 + 12.5 * 2 + 12.5 * 3) / 50, rtol=1e-5
-    )
-    assert strategy.class_weights() == pytest.approx(
-        {"t-shirt-top": 25 / 30, "trouser": 25 / 20}
-    )
-
-
 def test_a_histogram_that_does_not_add_up_is_not_counted(setup) -> None:
     """A node claiming 10**15 trousers (its example count says 10), and an
     evaluate reply whose example count is NaN or beyond SQLite's INTEGER, leave
@@ -654,24 +563,11 @@ def test_a_histogram_that_does_not_add_up_is_not_counted(setup) -> None:
         return reply
 
     grid = ScriptedGrid(train_reply, evaluate_reply)
-    strategy = make_fedavg(catalog, store, args, overlap=False)
+    strategy = make_fedavg(catalog, store, args)
     strategy.start(grid, initial, num_rounds=2)
     counts = {c.slug: c.sample_count for c in catalog.list_categories()}
     assert counts["t-shirt-top"] == 20 and counts["trouser"] == 0
     assert [r.status for r in catalog.rounds("run-1")] == ["completed", "completed"]
-    assert strategy.run_label_counts == {"t-shirt-top": 20}
-
-
-def test_class_balanced_weights_need_a_streaming_strategy(setup) -> None:
-    catalog, store, args, _ = setup
-    with pytest.raises(ValueError, match="FedAdam"):
-        make(
-            FedAdam(min_available_nodes=3, min_train_nodes=3),
-            catalog,
-            store,
-            args,
-            aggregation_weights="class-balanced",
-        )
 
 
 def test_a_category_added_mid_run_is_counted_on_nodes_counted_before(setup) -> None:
@@ -686,54 +582,10 @@ def test_a_category_added_mid_run_is_counted_on_nodes_counted_before(setup) -> N
 
     grid = ScriptedGrid(behaviour)
     grid.after_round[1] = lambda: catalog.add_category("Shirt")
-    strategy = make_fedavg(catalog, store, args, overlap=False)
+    strategy = make_fedavg(catalog, store, args)
     strategy.start(grid, initial, num_rounds=3)
     counts = {c.slug: c.sample_count for c in catalog.list_categories()}
     assert counts["t-shirt-top"] == 30 and counts["shirt"] == 12
-
-
-def test_warm_up_rounds_after_a_growth_train_the_head_only(setup) -> None:
-    """``head-warmup-rounds=2``: the 2 rounds from the growth ask for the head
-    only and keep every other array as sent, whatever the replies hold (here
-    every array + 1); before and after them nodes train everything. The
-    calibration's ``freeze-head`` gives way in warm-up rounds (else nothing
-    would train)."""
-    catalog, store, args, initial = setup
-    grid = ScriptedGrid(plus(1.0))
-    grid.after_round[1] = lambda: catalog.add_category("Sneaker")
-    strategy = make_fedavg(
-        catalog,
-        store,
-        args,
-        head_warmup_rounds=2,
-        calibration=CalibrationSettings(freeze_head=True),
-        overlap=False,
-    )
-    strategy.start(grid, initial, num_rounds=4)
-
-    def flags(rnd: int) -> tuple[bool, bool]:
-        config = grid.sent[rnd][0].content.config_records[keys.CONFIG]
-        return bool(config.get(keys.HEAD_ONLY)), bool(config.get(keys.FREEZE_HEAD))
-
-    assert [flags(r) for r in (1, 2, 3, 4)] == [
-        (False, True),
-        (True, False),
-        (True, False),
-        (False, True),
-    ]
-    states = {
-        v.round: store.load_checkpoint(v.checkpoint_uri, v.checkpoint_sha256).state_dict
-        for v in catalog.list_versions()
-    }
-    heads = set(head_keys(args))
-    for rnd in (2, 3):
-        for k, value in states[rnd].items():
-            if k in heads:
-                assert states[rnd][k].shape[0] == 7, k
-            else:
-                assert torch.equal(value, states[1][k]), (rnd, k)
-    moved = [k for k in states[4] if not torch.equal(states[4][k], states[3][k])]
-    assert set(moved) == set(states[4]), "round 4 trains every array"
 
 
 def test_distillation_rounds_after_a_growth_name_the_old_classes(setup) -> None:
@@ -742,7 +594,7 @@ def test_distillation_rounds_after_a_growth_name_the_old_classes(setup) -> None:
     catalog, store, args, initial = setup
     grid = ScriptedGrid(plus(1.0))
     grid.after_round[1] = lambda: catalog.add_category("Sneaker")
-    strategy = make_fedavg(catalog, store, args, distill_rounds=2, overlap=False)
+    strategy = make_fedavg(catalog, store, args, distill_rounds=2)
     strategy.start(grid, initial, num_rounds=4)
     asked = [
         grid.sent[r][0].content.config_records[keys.CONFIG][keys.DISTILL_CLASSES]

@@ -79,7 +79,7 @@ def nodes_send(deltas: dict[int, float], examples: dict[int, int]):  # noqa: ANN
 def cfg(**kw: object) -> RunConfig:
     base: dict[str, object] = {"min_nodes": 3, "central_eval": False}
     base.update(kw)
-    return RunConfig(**base)  # type: ignore[arg-type]
+    return RunConfig.from_flower({k.replace("_", "-"): v for k, v in base.items()})
 
 
 def noiseless(mode: str, clipping_norm: float) -> RunConfig:
@@ -98,7 +98,7 @@ def dp_strategy(setup, c: RunConfig, ledger=None) -> CatalogStrategy:  # noqa: A
         catalog,
         store,
         args,
-        central_dp=c.central_dp,
+        central_dp=c.privacy.central_dp,
     )
 
 

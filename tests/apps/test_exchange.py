@@ -17,7 +17,6 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from apps.exchange import (
     ReplyFolder,
-    balanced_weight,
     count_of,
     dispatch_plan,
     exchange,
@@ -381,54 +380,6 @@ def _with_histogram(msg: Message, histogram: dict[str, object]) -> Message:
     return msg
 
 
-def test_class_balanced_weights_come_from_the_label_histograms() -> None:
-    """Each reply weighs its histogram's counts times the per-image weights (1
-    for a slug without one; its example count if it sent no histogram), while
-    the train metrics stay weighted by example counts."""
-    weights = {"shirt": 3.0, "coat": 0.5}
-    replies = [
-        _with_histogram(train_reply(11, 40), {"shirt": 10, "coat": 30}),  # 45
-        _with_histogram(train_reply(12, 60), {"coat": 20, "bag": 40}),  # 50
-        train_reply(13, 25),  # no histogram: 25
-    ]
-    folder = ReplyFolder(_record(REF), class_weights=weights)
-    for r in replies:
-        folder(r)
-    arrays, metrics = folder.aggregate()
-    assert arrays is not None and metrics is not None and not folder.rejected
-    expected_w = np.array([45.0, 50.0, 25.0])
-    for k in REF:
-        stack = np.stack(
-            [r.content.array_records[keys.ARRAYS][k].numpy() for r in replies]
-        ).astype(np.float64)
-        want = np.tensordot(expected_w / expected_w.sum(), stack, axes=1)
-        np.testing.assert_allclose(arrays[k].numpy(), want, rtol=1e-5, atol=1e-6)
-    # train-loss is 1/n per reply: weighted by examples, 3 replies / 125 examples
-    assert metrics[keys.TRAIN_LOSS] == pytest.approx(3 / 125)
-
-
-@pytest.mark.parametrize(
-    ("histogram", "weights", "reason"),
-    [
-        ({"shirt": 40}, {"shirt": 1e-40}, "class-balanced weight of 4e-39"),
-        ({"shirt": 0, "coat": 0}, {}, "counts 0 images, its num-examples 40"),
-        ({"shirt": 10**15}, {}, "counts 1000000000000000 images"),
-    ],
-)
-def test_a_histogram_that_cannot_weigh_its_reply_is_rejected(
-    histogram: dict[str, int], weights: dict[str, float], reason: str
-) -> None:
-    """A weight too small to fold, or a histogram that does not add up to the
-    example count (a node inflating a category to shrink everyone else's)."""
-    folder = ReplyFolder(_record(REF), class_weights={"coat": 1.0} | weights)
-    folder(_with_histogram(train_reply(11, 40), {"coat": 40}))
-    folder(_with_histogram(train_reply(12, 40), histogram))
-    folder.finish()
-    assert [o.node_id for o in folder.rejected] == [12]
-    assert reason in str(folder.rejected[0].error)
-    assert folder.valid_count == 1
-
-
 def test_counts_beyond_what_float64_and_the_catalog_hold_are_refused() -> None:
     folder = ReplyFolder(_record(REF))
     huge = train_reply(12, 10)
@@ -446,15 +397,6 @@ def test_counts_beyond_what_float64_and_the_catalog_hold_are_refused() -> None:
         0,
         0,
     ]
-
-
-def test_balanced_weight_rules() -> None:
-    assert balanced_weight({}, 17.0, {"a": 2.0}) == (17.0, None)
-    assert balanced_weight({"a": 3, "b": 4}, 7.0, {"a": 2.0}) == (10.0, None)
-    weight, reason = balanced_weight({"a": 3}, 3.0, {"a": float("inf")})
-    assert weight is None and reason is not None and "inf" in reason
-    weight, reason = balanced_weight({"a": 3}, 4.0, {"a": 1.0})
-    assert weight is None and reason == histogram_problem({"a": 3}, 4.0)
 
 
 def test_a_histogram_must_add_up_and_name_only_the_class_maps_slugs() -> None:

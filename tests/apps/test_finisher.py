@@ -1,8 +1,7 @@
-"""RoundFinisher alone: a round's finish inline or overlapped, in order, never lost."""
+"""RoundFinisher alone: a round's finish, in order, and its errors surfaced."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +55,9 @@ def test_a_finish_evaluates_registers_records_and_reports(parts: Parts) -> None:
 
     finisher = RoundFinisher(parts.versions, parts.book, central, reported.append)
     result = Result()
-    with finisher.run(result):
-        finisher.submit(parts.end(1, value=3.0))
-        assert seen == [(1, 3.0, 2)]  # inline: done before submit returns
-        finisher.submit(parts.end(2))
+    finisher.finish(parts.end(1, value=3.0), result)
+    assert seen == [(1, 3.0, 2)]
+    finisher.finish(parts.end(2), result)
     assert [r.server_round for r in reported] == [1, 2]
     assert reported[1].version is not None and reported[1].version.is_current
     assert reported[1].version.parent_id == reported[0].version.id  # type: ignore[union-attr]
@@ -71,44 +69,21 @@ def test_a_finish_evaluates_registers_records_and_reports(parts: Parts) -> None:
     assert [r.status for r in parts.catalog.rounds("run-1")] == ["completed"] * 2
 
 
-def test_overlapped_finishes_run_while_the_next_round_trains(parts: Parts) -> None:
-    """Round 1's evaluation waits until round 2 is submitted: it can only end if
-    submit did not wait for it. Round 2's finish starts after round 1's."""
-    round_two_trained = threading.Event()
-    order: list[int] = []
-
-    def central(rnd: int, arrays: ArrayRecord, class_map: ClassMap) -> dict:
-        if rnd == 1:
-            assert round_two_trained.wait(30)
-        order.append(rnd)
-        return {}
-
-    finisher = RoundFinisher(parts.versions, parts.book, central, overlap=True)
+def test_a_finish_without_central_metrics_keeps_none(parts: Parts) -> None:
+    finisher = RoundFinisher(parts.versions, parts.book, lambda *_: {})
     result = Result()
-    with finisher.run(result):
-        finisher.submit(parts.end(1))
-        round_two_trained.set()
-        finisher.submit(parts.end(2))
-    assert order == [1, 2]
-    assert sorted(v.round for v in parts.catalog.list_versions()) == [1, 2]
-    assert result.evaluate_metrics_serverapp == {}  # no central metrics: none kept
-
-
-def test_a_failed_round_does_not_lose_the_finish_still_running(parts: Parts) -> None:
-    finisher = RoundFinisher(parts.versions, parts.book, overlap=True)
-    with pytest.raises(ConnectionError), finisher.run(Result()):
-        finisher.submit(parts.end(1))
-        raise ConnectionError("round 2: SuperLink gone")
+    finisher.finish(parts.end(1), result)
     assert [v.round for v in parts.catalog.list_versions()] == [1]
+    assert result.evaluate_metrics_serverapp == {}
 
 
 def test_a_finish_that_fails_surfaces_its_error(parts: Parts) -> None:
     def central(rnd: int, arrays: ArrayRecord, class_map: ClassMap) -> dict:
         raise RuntimeError(f"evaluation of round {rnd} failed")
 
-    finisher = RoundFinisher(parts.versions, parts.book, central, overlap=True)
-    with pytest.raises(RuntimeError, match="round 1 failed"), finisher.run(Result()):
-        finisher.submit(parts.end(1))
+    finisher = RoundFinisher(parts.versions, parts.book, central)
+    with pytest.raises(RuntimeError, match="round 1 failed"):
+        finisher.finish(parts.end(1), Result())
 
 
 def test_a_round_end_is_what_the_round_had_not_what_follows(parts: Parts) -> None:

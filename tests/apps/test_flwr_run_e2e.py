@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from fedobj.catalog import SyncCatalog
+from fedobj.confusion import confusion_from_metrics
 from fedobj.model import load_checkpoint
 from fedobj.superlink import LocalSuperLink, _alive, descendants
-from tests.conftest import FIXTURE_FMNIST, ROOT, free_port
+from tests.conftest import FIXTURE_FMNIST, ROOT, free_port, write_image_folder
 
 pytestmark = pytest.mark.e2e
 
@@ -129,3 +131,51 @@ def test_two_runs_of_one_seed_end_in_the_same_model(superlink) -> None:
     assert states[0].keys() == states[1].keys()
     differ = [k for k in states[0] if states[0][k] != states[1][k]]
     assert not differ, f"arrays that differ between the two runs: {differ}"
+
+
+def test_a_retired_key_fails_before_round_one(superlink) -> None:
+    """The SuperLink refuses a key the app no longer declares before any run
+    starts; Flower 1.41 says only "Invalid run configuration", so ``fedobj run``
+    and ``make demo`` check the keys first and name the retired one
+    (tests/fedobj/test_config_cli_outputs.py)."""
+    link, _ = superlink
+    proc = flwr_run(link, 'num-server-rounds=2 head-align="norm"', nodes=2, timeout=200)
+    log = proc.stdout + proc.stderr
+    assert "Invalid run configuration" in log, log[-3000:]
+    assert "Successfully started run" not in log and "round 1/" not in log
+
+
+def test_versions_get_their_accuracy_from_the_servers_folder(
+    superlink, tmp_path: Path
+) -> None:
+    """``central-eval-dir``: the server scores each round's model on its own
+    folder (three categories of the catalog and one it does not know): every
+    version carries the folder's accuracy, per-class accuracy and confusion
+    matrix (the 12 images of the three known categories, nothing else)."""
+    link, outputs = superlink
+    root = write_image_folder(tmp_path / "eval", per_class=4, classes=3)
+    (root / "unicorn").mkdir()
+    stray = next((root / "trouser").glob("*.png"))
+    (root / "unicorn" / stray.name).write_bytes(stray.read_bytes())
+    proc = flwr_run(
+        link,
+        f'num-server-rounds=2 min-nodes=2 central-eval-dir="{root}" promote="best"',
+        nodes=2,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "skipping unicorn (not categories of the catalog)" in log, log[-4000:]
+    assert "central evaluation on" in log and "12 images of 3 categories" in log
+    assert "central accuracy n/a" not in log
+    run_dir = (outputs / "latest").resolve()
+    catalog = SyncCatalog(outputs / "catalog.db")
+    versions = [v for v in catalog.list_versions() if v.run_id == run_dir.name]
+    assert sorted(v.round for v in versions) == [1, 2]
+    for v in versions:
+        assert v.accuracy is not None and 0.0 <= v.accuracy <= 1.0
+        per_class = {k for k in v.metrics if k.startswith("class-")}
+        assert per_class == {f"class-{k}-accuracy" for k in range(3)}, v.metrics
+        classes, matrix = confusion_from_metrics(v.metrics)
+        assert sum(map(sum, matrix)) == 12 and set(classes) >= {0, 1, 2}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_central_accuracy"] is not None

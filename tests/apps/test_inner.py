@@ -21,9 +21,9 @@ def test_only_flowers_linear_means_are_streamed() -> None:
 
 
 def test_central_dp_wraps_an_equal_weight_mean() -> None:
-    cfg = RunConfig(strategy="fedavg", min_nodes=3, central_dp="server-fixed")
+    cfg = RunConfig.from_flower({"min-nodes": 3, "central-dp": "server-fixed"})
     wrapped = make_inner_strategy(cfg, num_nodes=3)
     assert not streams(wrapped)  # the wrapper aggregates every reply together
     assert wrapped.strategy.weighted_by_key == keys.UNIT_WEIGHT  # type: ignore[attr-defined]
-    plain = make_inner_strategy(RunConfig(strategy="fedavg", min_nodes=3))
+    plain = make_inner_strategy(RunConfig.from_flower({"min-nodes": 3}))
     assert plain.weighted_by_key == keys.NUM_EXAMPLES  # type: ignore[attr-defined]

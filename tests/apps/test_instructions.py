@@ -27,16 +27,14 @@ def grown_at_round_3(**growth_kw: int) -> HeadGrowth:
     return growth
 
 
-def test_the_learning_rate_restarts_at_a_growth_only_if_asked() -> None:
+def test_the_learning_rate_follows_one_schedule_through_a_growth() -> None:
     schedule = [1.0, 0.5, 0.25, 0.125]
 
     def lr(r: int) -> float:
         return schedule[r - 1]
 
-    for restart, expected in ((True, [1.0, 0.5]), (False, [0.25, 0.125])):
-        plan = RoundInstructions(grown_at_round_3(), lr, restart)
-        plan.grew(3)
-        assert [plan.lr_at(3), plan.lr_at(4)] == expected
+    plan = RoundInstructions(grown_at_round_3(), lr)
+    assert [plan.lr_at(3), plan.lr_at(4)] == [0.25, 0.125]
     plan = RoundInstructions(grown_at_round_3(), lr)
     plan.lr_phase_start = 2  # a resumed run keeps the interrupted run's schedule
     assert plan.lr_at(2) == 1.0
@@ -51,7 +49,6 @@ def test_a_train_config_carries_the_round_and_the_model_context() -> None:
     assert config[keys.LR] == 0.4 and config["local-epochs"] == 2
     assert config[keys.DISTILL_CLASSES] == 2  # round 4: in the window from round 3
     assert config[keys.CENTRAL_DP] == "server-fixed"
-    assert keys.HEAD_ONLY not in config and keys.FREEZE_HEAD not in config
     args, class_map = get_model_context(config)
     assert args.num_classes == 3 and class_map.num_classes == 3
     assert dict(base) == {"local-epochs": 2}  # the caller's config is not edited
@@ -59,17 +56,6 @@ def test_a_train_config_carries_the_round_and_the_model_context() -> None:
     assert keys.CENTRAL_DP not in RoundInstructions(grown_at_round_3(), float).train(
         4, base
     )
-
-
-def test_warm_up_wins_over_the_calibrations_frozen_head() -> None:
-    frozen = CalibrationSettings(freeze_head=True)
-    plan = RoundInstructions(
-        grown_at_round_3(warmup_rounds=1), float, calibration=frozen
-    )
-    assert plan.train(3, ConfigRecord())[keys.HEAD_ONLY] is True
-    assert keys.FREEZE_HEAD not in plan.train(3, ConfigRecord())
-    assert plan.train(4, ConfigRecord())[keys.FREEZE_HEAD] is True
-    assert keys.HEAD_ONLY not in plan.train(4, ConfigRecord())
 
 
 def test_an_evaluate_config_asks_for_feature_statistics_when_calibrating() -> None:

@@ -67,7 +67,8 @@ def test_model_context_round_trip_and_missing_key() -> None:
 
 def test_make_inner_strategy_by_name() -> None:
     for name in ("fedavg", "fedprox", "fedadam", "perffedavg"):
-        inner = make_inner_strategy(RunConfig(strategy=name, min_nodes=3))
+        config = {"strategy": name, "min-nodes": 3}
+        inner = make_inner_strategy(RunConfig.from_flower(config))
         assert type(inner).__name__.lower() == name
         assert inner.min_available_nodes == 3
 

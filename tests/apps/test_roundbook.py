@@ -10,7 +10,6 @@ import pytest
 from apps.replies import NodeOutcome
 from apps.roundbook import REPORTS_KEPT, RoundBook, RoundReport
 from fedobj import keys
-from fedobj.aggregation_weights import AggregationWeights
 from fedobj.catalog import SyncCatalog
 from fedobj.data.categories import FASHION_MNIST_NAMES
 
@@ -73,15 +72,13 @@ def test_a_round_is_recorded_node_by_node(catalog: SyncCatalog) -> None:
 
 
 def test_a_node_counts_each_category_once_per_run(catalog: SyncCatalog) -> None:
-    weights = AggregationWeights("class-balanced")
-    book = RoundBook(catalog, "run-1", weights)
+    book = RoundBook(catalog, "run-1")
     cmap = catalog.snapshot()
     book.node_seen(trained(11, {"t-shirt-top": 6}), cmap)
     book.node_seen(trained(11, {"t-shirt-top": 6, "trouser": 2}), cmap)
     book.node_seen(trained(12, {"t-shirt-top": 3}), cmap)
     counts = {c.slug: c.sample_count for c in catalog.list_categories()}
     assert counts["t-shirt-top"] == 9 and counts["trouser"] == 2
-    assert weights.counts == {"t-shirt-top": 9, "trouser": 2}
     assert book.counted_labels == {11: {"t-shirt-top", "trouser"}, 12: {"t-shirt-top"}}
     node = catalog.get_node(11)
     assert node.samples == 8 and node.label_names == ["t-shirt-top", "trouser"]
@@ -99,7 +96,6 @@ def test_a_histogram_that_says_nothing_true_is_not_counted(
     book.node_seen(trained(12, {"sneaker": 4}), cmap)
     assert all(c.sample_count == 0 for c in catalog.list_categories())
     assert catalog.get_node(11).samples == 10 and catalog.get_node(11).label_names == []
-    assert book.weights.counts == {}
 
 
 def test_training_times_and_rejections_are_kept_and_logged(

@@ -189,11 +189,13 @@ def run_round(
 
 
 def settings_for(c: float, w: float) -> SecAggSettings:
-    cfg = RunConfig(
-        secagg=True,
-        min_nodes=3,
-        secagg_clipping_range=c,
-        secagg_max_weight=w,
+    cfg = RunConfig.from_flower(
+        {
+            "secagg": True,
+            "min-nodes": 3,
+            "secagg-clipping-range": c,
+            "secagg-max-weight": w,
+        }
     )
     return SecAggSettings.from_config(cfg)
 
@@ -328,7 +330,7 @@ def test_settings_arithmetic_and_refusals() -> None:
     with pytest.raises(ConfigError, match=">= 3 nodes"):
         s.check_nodes(2)
     shares5 = SecAggSettings.from_config(
-        RunConfig(secagg=True, min_nodes=5, secagg_num_shares=5)
+        RunConfig.from_flower({"secagg": True, "min-nodes": 5, "secagg-num-shares": 5})
     )
     with pytest.raises(ConfigError, match="even 4|5 shares for 4"):
         shares5.check_nodes(4)

@@ -100,36 +100,35 @@ def test_a_rollback_is_followed_once_with_its_server_state(parts) -> None:  # no
     keeper.begin()
     v1 = register(keeper, 1, server_state=server_state(Adam(3.0)))
     register(keeper, 2, server_state=server_state(Adam(5.0)))
-    assert keeper.follow_rollback(3, Adam(5.0)) is None  # nobody moved it
+    assert keeper.follow_rollback(Adam(5.0)) is None  # nobody moved it
     catalog.set_current(v1.id)
     adam = Adam(5.0)
-    followed = keeper.follow_rollback(3, adam)
+    followed = keeper.follow_rollback(adam)
     assert followed is not None
     version, ckpt = followed
-    assert version.id == v1.id and keeper.rollback_round == 3
+    assert version.id == v1.id
     assert torch.equal(ckpt.state_dict["w"], torch.full((2,), 1.0))
     np.testing.assert_array_equal(adam.m_t["w"], [3.0, 3.0])  # type: ignore[index]
     np.testing.assert_array_equal(adam.v_t["w"], [9.0, 9.0])  # type: ignore[index]
-    assert keeper.follow_rollback(4, adam) is None  # followed already
+    assert keeper.follow_rollback(adam) is None  # followed already
     v3 = register(keeper, 3, parent=v1.id)
     assert v3.parent_id == v1.id and v3.is_current
 
 
 def test_an_admins_move_during_a_round_wins(parts) -> None:  # noqa: ANN001
     """The admin makes v1 current while round 3 runs: round 3's version is kept
-    but not current; with overlapping rounds, round 2 finishing after round 4
-    started from the rolled-back version is not made current either."""
+    but not current, and round 4 continues from v1."""
     catalog, store = parts
     keeper = VersionKeeper(catalog, store, "run-1")
     keeper.begin()
     v1 = register(keeper, 1)
-    v2 = register(keeper, 2)
+    register(keeper, 2)
     catalog.set_current(v1.id)
     assert not register(keeper, 3).is_current
-    assert keeper.follow_rollback(4) is not None and keeper.rollback_round == 4
+    followed = keeper.follow_rollback()
+    assert followed is not None and followed[0].id == v1.id
     assert catalog.current_version().id == v1.id  # type: ignore[union-attr]
-    late = register(keeper, 2, parent=v2.id)  # an older round finishing late
-    assert not late.is_current
+    assert register(keeper, 4, parent=v1.id).is_current
 
 
 def test_a_fresh_run_does_not_roll_back_to_what_an_older_run_left(parts) -> None:  # noqa: ANN001
@@ -139,11 +138,11 @@ def test_a_fresh_run_does_not_roll_back_to_what_an_older_run_left(parts) -> None
     old = register(older, 1)
     keeper = VersionKeeper(catalog, store, "run-2")
     keeper.begin()  # a fresh model: the current version is not a rollback
-    assert keeper.follow_rollback(1) is None
+    assert keeper.follow_rollback() is None
     assert register(keeper, 1).is_current
     resumed = VersionKeeper(catalog, store, "run-3")
     resumed.begin(old.id)  # continuing from v1 while run-2's is current
-    followed = resumed.follow_rollback(1)
+    followed = resumed.follow_rollback()
     assert followed is not None and followed[0].run_id == "run-2"
 
 

@@ -21,8 +21,7 @@ from tests.faults.test_run_exit_codes import fedobj_run
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 CONFIG = (
-    "num-server-rounds=5 min-nodes=2 fraction-evaluate=1.0 seed=11 "
-    'partitioner="iid" lr-schedule="cosine"'
+    'num-server-rounds=5 min-nodes=2 fraction-evaluate=1.0 seed=11 partitioner="iid"'
 )
 
 

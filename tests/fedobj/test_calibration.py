@@ -126,80 +126,13 @@ def test_calibration_separates_classes_no_node_holds_together() -> None:
 
 
 def test_run_config_refuses_calibration_where_statistics_would_leak() -> None:
-    on = {"head_calibration": "virtual-features", "fraction_evaluate": 1.0}
-    assert RunConfig(**on).calibration_samples == 200  # type: ignore[arg-type]
+    on = {"head-calibration": "virtual-features", "fraction-evaluate": 1.0}
+    assert RunConfig.from_flower(on).growth.head_calibration == "virtual-features"
     with pytest.raises(ConfigError, match="fraction-evaluate.*every node"):
-        RunConfig(head_calibration="virtual-features", fraction_evaluate=0.5)
-    leaks = [{"dp": True}, {"central_dp": "server-fixed"}, {"secagg": True}]
+        RunConfig.from_flower({**on, "fraction-evaluate": 0.5})
+    leaks = [{"dp": True}, {"central-dp": "server-fixed"}, {"secagg": True}]
     for leak in leaks:
         with pytest.raises(ConfigError, match="head-calibration.*in the clear"):
-            RunConfig(min_nodes=3, **on, **leak)  # type: ignore[arg-type]
+            RunConfig.from_flower({"min-nodes": 3, **on, **leak})
     with pytest.raises(ConfigError, match="head-calibration"):
-        RunConfig(head_calibration="ccvr")
-    with pytest.raises(ConfigError, match="calibration-steps"):
-        RunConfig(calibration_steps=0)
-
-
-def _random_images(n: int = 40):  # type: ignore[no-untyped-def]
-    """``n`` random 28x28 grey images with random labels of 10 classes."""
-    from fedobj.train import LabelledTensors
-
-    return LabelledTensors(
-        torch.randint(0, 255, (n, 1, 28, 28), dtype=torch.uint8),
-        torch.randint(0, 10, (n,)),
-    )
-
-
-def test_a_frozen_head_is_left_as_received_while_the_extractor_trains() -> None:
-    from fedobj.train import TrainConfig, train
-
-    model, key = _cnn()
-    heads = head_keys(ModelArgs("cnn", 10, norm="group"))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    data = _random_images()
-    train(model, data, TrainConfig(batch_size=8, frozen=heads))
-    after = model.state_dict()
-    for k in heads:
-        assert torch.equal(after[k], before[k]), k
-    assert not torch.equal(after["hidden.2.weight"], before["hidden.2.weight"])
-    with pytest.raises(ValueError, match="cannot freeze.*nope"):
-        train(model, data, TrainConfig(frozen=("nope",)))
-    with pytest.raises(ConfigError, match="calibration-freeze-head.*needs"):
-        RunConfig(calibration_freeze_head=True)
-
-
-@pytest.mark.parametrize("norm", ["group", "batch"])
-def test_a_head_only_round_leaves_the_extractor_as_received(norm: str) -> None:
-    """What a warm-up round after a growth asks (``head-only``): the head
-    trains; every other parameter, and batch norm's running statistics, stay
-    bit for bit as received."""
-    from flwr.app import ConfigRecord
-
-    from apps.client_app import _frozen
-    from fedobj import keys
-    from fedobj.train import TrainConfig, train
-
-    args = ModelArgs("cnn", 10, norm=norm)
-    model = build_model(args)
-    heads = head_keys(args)
-    frozen = _frozen(model, args, ConfigRecord({keys.HEAD_ONLY: True}))
-    assert set(frozen) == {n for n, _ in model.named_parameters()} - set(heads)
-    assert _frozen(model, args, ConfigRecord({keys.FREEZE_HEAD: True})) == heads
-    assert _frozen(model, args, ConfigRecord()) == ()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    data = _random_images()
-    train(model, data, TrainConfig(batch_size=8, frozen=frozen))
-    after = model.state_dict()
-    for k in before:
-        moved = not torch.equal(after[k], before[k])
-        assert moved == (k in heads), k
-    assert any("running_mean" in k for k in before) == (norm == "batch")
-    assert all(p.requires_grad for p in model.parameters())  # restored
-
-
-def test_head_warm_up_is_refused_with_dp_sgd() -> None:
-    assert RunConfig(head_warmup_rounds=2).head_warmup_rounds == 2
-    with pytest.raises(ConfigError, match="head-warmup-rounds.*dp"):
-        RunConfig(head_warmup_rounds=1, dp=True)
-    with pytest.raises(ConfigError, match="head-warmup-rounds"):
-        RunConfig(head_warmup_rounds=-1)
+        RunConfig.from_flower({"head-calibration": "ccvr"})

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedobj.cli import app
-from fedobj.config import RunConfig
+from fedobj.config import KEYS, RETIRED, SECTIONS, RunConfig, parse_overrides
 from fedobj.errors import ConfigError
 from fedobj.outputs import RunOutputs, code_revision, package_versions
 from tests.conftest import ROOT, write_image_folder
@@ -45,7 +45,8 @@ def test_pyproject_declares_every_run_config_key_with_valid_defaults() -> None:
         ("outputs-dir", "relative/path"),
         ("num-server-rounds", "five"),
         ("num-server-rounds", 2.5),
-        ("augment", 1),
+        ("resume", 1),
+        ("central-eval-dir", "relative/folder"),
         ("split-first-new", -1),
         ("split-first-new", 10),
     ],
@@ -57,25 +58,54 @@ def test_bad_run_config_names_the_key(key: str, value: object) -> None:
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize(
-    ("extra", "key"),
-    [
-        ({"aggregation-weights": "balanced"}, "aggregation-weights"),
-        ({"strategy": "fedadam"}, "strategy"),
-        ({"dp": True}, "aggregation-weights"),
-        ({"secagg": True, "min-nodes": 3}, "aggregation-weights"),
-        ({"central-dp": "server-fixed"}, "aggregation-weights"),
-    ],
-)
-def test_class_balanced_weights_refuse_what_cannot_carry_them(
-    extra: dict[str, object], key: str
-) -> None:
-    config = {"aggregation-weights": "class-balanced"} | extra
+@pytest.mark.parametrize("key", sorted(RETIRED))
+def test_a_retired_key_is_refused_in_one_line_that_says_so(key: str) -> None:
     with pytest.raises(ConfigError) as err:
-        RunConfig.from_flower(config)
-    assert f"`{key}`" in str(err.value)
-    ok = RunConfig.from_flower({"aggregation-weights": "class-balanced"})
-    assert ok.aggregation_weights == "class-balanced"
+        RunConfig.from_flower({"lr": 0.01, key: 1})
+    message = str(err.value)
+    assert f"run config `{key}` was retired" in message and "\n" not in message
+
+
+def test_an_unknown_key_is_refused_not_ignored() -> None:
+    with pytest.raises(ConfigError, match="`num-server-round` is not a key"):
+        RunConfig.from_flower({"num-server-round": 3})
+    assert not set(RETIRED) & set(KEYS)  # a retired key is never a live one too
+
+
+def test_fedobj_run_refuses_a_retired_key_before_starting_anything(
+    tmp_path: Path,
+) -> None:
+    result = runner.invoke(
+        app, ["run", "--run-config", 'num-server-rounds=2 head-align="norm"']
+    )
+    assert result.exit_code == 1
+    assert "run config `head-align` was retired" in result.output
+    preset = tmp_path / "old.toml"
+    preset.write_text('lr = 0.01\nlocal-loss = "restricted"\n')
+    result = runner.invoke(app, ["run", "--run-config", str(preset)])
+    assert result.exit_code == 1 and "`local-loss` was retired" in result.output
+
+
+def test_overrides_are_read_as_flower_reads_them(tmp_path: Path) -> None:
+    text = 'num-server-rounds=3 model="mobilenet_v3_small" dp=true lr=0.1'
+    assert parse_overrides(text) == {
+        "num-server-rounds": 3,
+        "model": "mobilenet_v3_small",
+        "dp": True,
+        "lr": 0.1,
+    }
+    preset = tmp_path / "p.toml"
+    preset.write_text('strategy = "fedprox"\nproximal-mu = 0.1\n')
+    assert parse_overrides(str(preset)) == {"strategy": "fedprox", "proximal-mu": 0.1}
+
+
+def test_sections_group_every_key_once_and_round_trip() -> None:
+    cfg = RunConfig.from_flower({"dp-epsilon": 4.0, "secagg-max-weight": 500.0})
+    assert cfg.privacy.dp_epsilon == 4.0 and cfg.secagg.secagg_max_weight == 500.0
+    flat = cfg.to_flower()
+    assert set(flat) == set(KEYS) and RunConfig.from_flower(flat) == cfg
+    names = [key for section in SECTIONS for key in section().to_flower()]
+    assert len(names) == len(set(names)) == len(KEYS)
 
 
 def test_disjoint_split_point_is_initial_categories_unless_set() -> None:
@@ -93,13 +123,14 @@ def test_disjoint_split_point_is_initial_categories_unless_set() -> None:
 
 def test_run_config_types_are_coerced() -> None:
     cfg = RunConfig.from_flower({"lr": 1, "num-server-rounds": 3, "model": "cnn"})
-    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.num_server_rounds == 3
+    t = cfg.training
+    assert t.lr == 1.0 and isinstance(t.lr, float) and t.num_server_rounds == 3
 
 
 def test_outputs_dir_resolution(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("FEDOBJ_OUTPUTS_DIR", str(tmp_path / "env"))
     assert RunConfig().resolve_outputs_dir() == tmp_path / "env"
-    explicit = RunConfig(outputs_dir=str(tmp_path / "x"))
+    explicit = RunConfig.from_flower({"outputs-dir": str(tmp_path / "x")})
     assert explicit.resolve_outputs_dir() == tmp_path / "x"
     monkeypatch.delenv("FEDOBJ_OUTPUTS_DIR")
     monkeypatch.chdir(tmp_path)

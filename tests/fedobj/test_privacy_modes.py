@@ -166,7 +166,7 @@ def test_auto_is_what_devices_use_by_default_and_picks_bk_where_it_can() -> None
         "app"
     ]["config"]
     assert app_config["dp-grad-sample-mode"] == "auto"
-    assert RunConfig.from_flower(app_config).dp_grad_sample_mode == "auto"
+    assert RunConfig.from_flower(app_config).privacy.dp_grad_sample_mode == "auto"
     assert DpSettings(1.0, 1.0).grad_sample_mode == "auto"
     with pytest.raises(ConfigError, match="dp-grad-sample-mode"):
         RunConfig.from_flower({"dp-grad-sample-mode": "vmap"})

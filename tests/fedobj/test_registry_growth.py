@@ -53,7 +53,7 @@ def test_checkpoint_through_the_store(tmp_path: Path) -> None:
     torch.testing.assert_close(ck.build()(x), model(x))
 
 
-@pytest.mark.parametrize("init", ["mean", "random", "zeros"])
+@pytest.mark.parametrize("init", ["mean", "zeros"])
 def test_grow_head_keeps_old_rows_bit_identical(init: str) -> None:
     args = ModelArgs("cnn", 6)
     model = build_model(args).eval()

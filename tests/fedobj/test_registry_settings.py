@@ -40,7 +40,8 @@ def test_one_rule_for_the_run_the_cli_and_the_api(
     assert ApiSettings(outputs_dir=tmp_path).registry_root == S3
     # a process's own setting wins over the environment
     assert resolve_registry_root("/elsewhere", tmp_path) == "/elsewhere"
-    assert RunConfig(registry_uri="/r").resolve_registry_uri(tmp_path) == "/r"
+    explicit = RunConfig.from_flower({"registry-uri": "/r"})
+    assert explicit.resolve_registry_uri(tmp_path) == "/r"
     assert ApiSettings(outputs_dir=tmp_path, registry_uri="/a").registry_root == "/a"
 
 

@@ -26,12 +26,12 @@ def test_a_later_key_replaces_an_earlier_one_and_quotes_survive() -> None:
     merged = merge(
         'num-server-rounds=10 distill-weight=1.0 database-url="sqlite:///a b.db"',
         "",
-        'distill-weight=3.0 local-loss="restricted-new"',
+        'distill-weight=3.0 head-calibration="virtual-features"',
         "distill-weight=0.0",
     )
     assert merged == (
         'num-server-rounds=10 distill-weight=0.0 database-url="sqlite:///a b.db" '
-        'local-loss="restricted-new"'
+        'head-calibration="virtual-features"'
     )
 
 
@@ -39,6 +39,12 @@ def test_text_that_is_not_key_value_is_refused() -> None:
     merge = _load().merge_run_config
     with pytest.raises(SystemExit, match="cannot read"):
         merge("seed=1 oops")
+
+
+def test_a_retired_key_ends_the_script_naming_it() -> None:
+    merge = _load().merge_run_config
+    with pytest.raises(SystemExit, match="`local-loss` was retired"):
+        merge("seed=1", 'local-loss="restricted-new"')
 
 
 @pytest.mark.parametrize("setting", ["shared", "disjoint"])
@@ -67,10 +73,10 @@ def test_every_variant_trains_on_the_same_nodes_data(
     splits = {variant: cfg.data_split for variant, cfg in configs.items()}
     expected = (6, 0.3) if setting == "disjoint" else None
     assert set(splits.values()) == {expected}, splits
-    assert configs["joint"].initial_categories == 10
-    assert configs["distill"].initial_categories == 6
-    assert configs["distill"].distill_weight > 0
-    assert configs["no-distill"].distill_weight == 0
+    assert configs["joint"].growth.initial_categories == 10
+    assert configs["distill"].growth.initial_categories == 6
+    assert configs["distill"].growth.distill_weight > 0
+    assert configs["no-distill"].growth.distill_weight == 0
 
 
 def test_old_rows_accuracy_ignores_the_new_rows_and_only_them() -> None:

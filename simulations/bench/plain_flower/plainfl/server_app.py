@@ -82,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
     arrays = ArrayRecord(Net().state_dict())
 
     strategy = ScheduledFedAvg(
-        lr_at=lambda r: lr_for_round(lr, "cosine", r, horizon, lr_min=lr_min),
+        lr_at=lambda r: lr_for_round(lr, r, horizon, lr_min=lr_min),
         fraction_train=float(cfg["fraction-train"]),
         fraction_evaluate=float(cfg["fraction-evaluate"]),
         min_train_nodes=min_nodes,
