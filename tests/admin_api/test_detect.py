@@ -131,6 +131,20 @@ def test_bad_images_are_400_and_the_server_keeps_answering(
     assert _detect(api, test_images[0][0]).status_code == 200
 
 
+def test_an_image_in_another_form_field_is_400(
+    api: ApiEnv,
+    test_images,  # type: ignore[no-untyped-def]
+) -> None:
+    resp = api.client.post(
+        f"{V1}/detect",
+        files={"photo": ("a.png", test_images[0][0], "image/png")},
+        headers=api.auth("device"),
+    )
+    assert resp.status_code == 400, resp.text
+    assert "`image`" in resp.json()["detail"]
+    assert api.catalog.count_detections() == 0
+
+
 def test_colour_and_large_images_are_adapted(api: ApiEnv) -> None:
     img = Image.new("RGBA", (640, 480), (200, 30, 30, 255))
     buf = io.BytesIO()
