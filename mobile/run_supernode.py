@@ -76,7 +76,7 @@ def supernode_binary() -> str:
         return str(beside)
     found = shutil.which("flower-supernode")
     if found is None:
-        raise LaunchError("flower-supernode not found: pip install 'flwr==1.41.0'")
+        raise LaunchError("flower-supernode not found: pip install 'flwr==1.42.0'")
     return found
 
 

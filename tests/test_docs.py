@@ -106,8 +106,12 @@ def test_readme_starts_with_the_two_commands() -> None:
 
 
 def test_readme_names_the_tested_flower_version_once() -> None:
-    named = re.findall(r"Flower \d+\.\d+\.\d+", README.read_text())
+    named = re.findall(r"Flower (\d+\.\d+\.\d+)", README.read_text())
     assert len(named) == 1, named
+    pinned = re.search(
+        r'"flwr\[[a-z,]+\]==([0-9.]+)"', (ROOT / "pyproject.toml").read_text()
+    )
+    assert pinned is not None and named[0] == pinned.group(1)
 
 
 @pytest.mark.parametrize("page", PAGES)
