@@ -113,13 +113,7 @@ def central_evaluator(
         test, report = load_image_folder(folder, args.in_channels, args.image_size)
     except FedObjError as exc:
         raise ConfigError(f"run config `central-eval-dir`: {exc}") from None
-    if report.skipped:
-        log.warning(
-            "central-eval-dir %s: skipped %d files (%s)",
-            folder,
-            len(report.skipped),
-            dict(report.skip_reasons()),
-        )
+    report.warn_skipped(log, f"central-eval-dir {folder}")
     evaluator = CentralEvaluator(test, args, folder)
     unknown = evaluator.unknown_slugs(class_map)
     if len(unknown) == len(test.label_slugs):

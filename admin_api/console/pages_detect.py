@@ -20,9 +20,14 @@ from admin_api.auth import DETECT, READ, WRITE
 from admin_api.console.auth import require
 from admin_api.console.render import page
 from admin_api.metrics import observe_detections
-from admin_api.routes.common import CatalogDep, ServerDep, actor_of
+from admin_api.routes.common import (
+    CatalogDep,
+    ServerDep,
+    actor_of,
+    detection_log_of,
+)
 from admin_api.settings import ApiSettings
-from fedobj.catalog import Catalog, DetectionFilter
+from fedobj.catalog import DetectionFilter
 from fedobj.inference import ImageInputError
 from fedobj.serving import detect, image_digest
 
@@ -66,7 +71,6 @@ async def detect_page(request: Request[Any, Any, Any], catalog: CatalogDep) -> T
 
 async def _one(
     request: Request[Any, Any, Any],
-    catalog: Catalog,
     model_server: Any,
     upload: UploadFile,
     top_k: int,
@@ -84,7 +88,7 @@ async def _one(
         )
     except ImageInputError as exc:
         return Outcome(name, None, str(exc), None)
-    await request.app.state.detection_log.record(
+    await detection_log_of(request).record(
         actor_of(require(request, *DETECT)),
         version.name,
         [(image_digest(data), results[0])],
@@ -99,7 +103,6 @@ def detect_handler(settings: ApiSettings) -> Any:
     @post("/detect", status_code=200, request_max_body_size=settings.batch_body_limit)
     async def detect_images(
         request: Request[Any, Any, Any],
-        catalog: CatalogDep,
         model_server: ServerDep,
         data: Annotated[DetectForm, Body(media_type=RequestEncodingType.MULTI_PART)],
     ) -> Template:
@@ -110,8 +113,7 @@ def detect_handler(settings: ApiSettings) -> Any:
         uploads = data.images[: settings.max_batch_images]
         started = time.perf_counter()
         outcomes = [
-            await _one(request, catalog, model_server, u, top_k, threshold)
-            for u in uploads
+            await _one(request, model_server, u, top_k, threshold) for u in uploads
         ]
         return page(
             request,

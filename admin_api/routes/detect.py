@@ -14,7 +14,6 @@ from litestar.params import Body, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
 from admin_api.auth import DETECT, READ, allow
-from admin_api.detection_log import DetectionLog
 from admin_api.metrics import observe_detections
 from admin_api.routes.common import (
     CatalogDep,
@@ -22,6 +21,7 @@ from admin_api.routes.common import (
     Offset,
     ServerDep,
     actor_of,
+    detection_log_of,
 )
 from admin_api.schemas import (
     BatchDetectionOut,
@@ -70,17 +70,6 @@ async def _image_field(request: Request[Any, Any, Any], data: UploadFile) -> Upl
     if not isinstance(image, UploadFile):
         raise ClientException("send the image as the multipart form field `image`")
     return image
-
-
-def detection_log_of(request: Request[Any, Any, Any]) -> DetectionLog:
-    """The app's detection log, taken from its state rather than injected.
-
-    With two injected dependencies Litestar resolves them concurrently in an
-    anyio task group, per request: 13% of ``/detect``'s CPU under load
-    (profile in docs/results.md). One dependency is resolved inline.
-    """
-    detection_log: DetectionLog = request.app.state.detection_log
-    return detection_log
 
 
 def detect_controller(settings: ApiSettings) -> type[Controller]:

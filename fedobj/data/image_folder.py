@@ -41,6 +41,16 @@ class FolderReport:
     def skip_reasons(self) -> Counter[str]:
         return Counter(reason.split(":")[0] for _, reason in self.skipped)
 
+    def warn_skipped(self, logger: logging.Logger, where: str) -> None:
+        """Log one warning naming how many files were skipped and why, if any."""
+        if self.skipped:
+            logger.warning(
+                "%s: skipped %d files (%s)",
+                where,
+                len(self.skipped),
+                dict(self.skip_reasons()),
+            )
+
     def to_dict(self) -> dict[str, object]:
         return {
             "root": str(self.root),

@@ -150,13 +150,7 @@ def _folder_node(
     size: int,
 ) -> NodeData:
     data, report = load_image_folder(data_dir, channels, size, cache_dir or None)
-    if report.skipped:
-        log.warning(
-            "%s: skipped %d files (%s)",
-            data_dir,
-            len(report.skipped),
-            dict(report.skip_reasons()),
-        )
+    report.warn_skipped(log, data_dir)
     tr, ev = train_eval_split(len(data), eval_fraction, seed)
     return NodeData(data.subset(tr), data.subset(ev), f"image folder {data_dir}")
 
