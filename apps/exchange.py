@@ -33,11 +33,14 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from apps.link import Link
+from apps.link_records import message_bytes
 from apps.replies import (
     MAX_COUNT,
     ORDER_TAIL_BYTES,
@@ -53,6 +56,7 @@ from apps.replies import (
 )
 from fedobj import keys
 from fedobj.aggregation import StreamingMean, array_view, validate_update
+from fedobj.compression import CompressedMean, Layout
 
 __all__ = [  # what a reply says lives in apps/replies.py; importable here too
     "ACC_FLOOR",
@@ -76,6 +80,12 @@ __all__ = [  # what a reply says lives in apps/replies.py; importable here too
     "reply_order",
     "reply_weight",
 ]
+
+UPLINK_BYTES = "uplink-bytes"
+"""A train outcome's metric: its reply's size as Flower counts it (the bytes
+of its arrays and records: ``message_size_mod``)."""
+DOWNLINK_BYTES = "downlink-bytes"
+"""A train outcome's metric: the size of the message that node was sent."""
 
 POLL_FIRST_S = 0.02
 """First wait between pulls; grows 1.5x per empty pull, reset by each reply."""
@@ -224,6 +234,12 @@ class ReplyFolder:
         strategy's own ``aggregate_train``.
     perf_alpha
         PerfFedAvg's alpha; None for plain example-count weights.
+    link
+        The run's edge link: with ``update-compression`` on, replies are read
+        through it (validated, then folded compressed or made whole).
+
+    Every reply's size as Flower counts it is kept in its outcome's metrics
+    (:data:`UPLINK_BYTES`), compressed or not.
     """
 
     def __init__(
@@ -232,18 +248,21 @@ class ReplyFolder:
         *,
         stream: bool = True,
         perf_alpha: float | None = None,
+        link: Link | None = None,
     ) -> None:
         self.shapes = {k: tuple(int(d) for d in v.shape) for k, v in reference.items()}
         self.reference = {k: array_view(v) for k, v in reference.items()}
         self.stream = stream
         self.perf_alpha = perf_alpha
+        self.link = link if link is not None and link.active else None
         self.outcomes: list[NodeOutcome] = []
         self.rejected: list[NodeOutcome] = []
         self.valid: list[Message] = []
         self.valid_count = 0
-        self._by_n: StreamingMean | None = None
-        self._by_acc: StreamingMean | None = None
-        self._no_acc: StreamingMean | None = None
+        self._by_n: StreamingMean | CompressedMean | None = None
+        self._by_acc: StreamingMean | CompressedMean | None = None
+        self._no_acc: StreamingMean | CompressedMean | None = None
+        self._compressed: tuple[Any, str] = (None, "")  # the update just read
         self._reported = 0  # replies that reported an accuracy, zeros included
         # per folded reply (tag: its place in outcomes, from 1): n and metrics,
         # to take them back out if its values turn out not to be finite
@@ -252,13 +271,21 @@ class ReplyFolder:
     def __call__(self, msg: Message) -> None:
         """Take one reply: record it, reject it with a reason, or fold it in."""
         outcome = outcome_of(msg)
+        if not msg.has_error():
+            outcome.metrics[UPLINK_BYTES] = float(message_bytes(msg.content))
         self.outcomes.append(outcome)
+        if self.link is not None:
+            self.link.note(msg)
         n, reason = reply_weight(msg)
         tag = len(self.outcomes)
         if n is not None and self.perf_alpha is not None:
             reason = _accuracy_problem(msg)
             n = None if reason is not None else n
-        if n is not None:
+        compressed = self.link is not None and self.link.compresses
+        if n is not None and compressed:
+            reason = self._read_compressed(msg, n)
+            record = msg.content.array_records.get(keys.ARRAYS)
+        elif n is not None:
             record = msg.content.array_records[keys.ARRAYS]
             if self.stream:
                 # names and shapes checked now, values as they are folded in
@@ -291,9 +318,38 @@ class ReplyFolder:
             if isinstance(acc, (int, float)):
                 self._reported += 1
                 if acc >= ACC_FLOOR:  # a zero weight adds nothing to the sum
-                    self._mean("_by_acc").add_record(record, float(acc), tag)
+                    self._add("_by_acc", record, float(acc), tag)
             else:
-                self._mean("_no_acc").add_record(record, 1.0, tag)
+                self._add("_no_acc", record, 1.0, tag)
+
+    def _read_compressed(self, msg: Message, n: float) -> str | None:
+        """Validate a compressed reply: fold it (streaming) or make it whole
+        for the inner strategy; why it is refused, if it is."""
+        assert self.link is not None
+        try:
+            update, base = self.link.read(msg)
+        except ValueError as exc:
+            return f"compressed update refused: {exc}"
+        if self.stream:
+            self._compressed = (update, base)
+            self._add("_by_n", None, n, len(self.outcomes))
+        else:
+            msg.content[keys.ARRAYS] = self.link.dense(update, base)
+            del msg.content[keys.DELTA]
+        return None
+
+    def _add(
+        self, name: str, record: ArrayRecord | None, weight: float, tag: int
+    ) -> None:
+        """Fold a reply into one of the means: its dense record, or the
+        compressed update just read."""
+        mean = self._mean(name)
+        if isinstance(mean, CompressedMean):
+            update, base = self._compressed
+            mean.add(update, weight, base)
+        else:
+            assert record is not None
+            mean.add_record(record, weight, tag)
 
     def finish(self) -> None:
         """Fold what is still pending and take out the replies found then to hold
@@ -305,7 +361,7 @@ class ReplyFolder:
         """
         refused: dict[int, str] = {}
         for name in ("_by_n", "_by_acc", "_no_acc"):
-            mean: StreamingMean | None = getattr(self, name)
+            mean: StreamingMean | CompressedMean | None = getattr(self, name)
             if mean is not None:
                 refused.update({t: r for t, r in mean.flush() if t not in refused})
         for tag, reason in sorted(refused.items()):
@@ -324,14 +380,20 @@ class ReplyFolder:
 
     def missed(self, node_id: int, timeout: float) -> None:
         """Count a node that did not reply in time (``exchange``'s ``on_missing``)."""
+        if self.link is not None:
+            self.link.forget(node_id)
         outcome = missing(node_id, timeout)
         self.outcomes.append(outcome)
         self.rejected.append(outcome)
 
-    def _mean(self, name: str) -> StreamingMean:
-        mean: StreamingMean | None = getattr(self, name)
+    def _mean(self, name: str) -> StreamingMean | CompressedMean:
+        mean: StreamingMean | CompressedMean | None = getattr(self, name)
         if mean is None:
-            mean = StreamingMean(self.reference)
+            if self.link is not None and self.link.compresses:
+                bases = self.link.bases()
+                mean = CompressedMean(Layout.of(self.reference), bases)
+            else:
+                mean = StreamingMean(self.reference)
             setattr(self, name, mean)
         return mean
 

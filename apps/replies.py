@@ -134,7 +134,9 @@ def reply_weight(msg: Message) -> tuple[float, None] | tuple[None, str]:
     if msg.has_error():
         return None, f"error reply: {msg.error.reason}"
     content = msg.content
-    if keys.ARRAYS not in content.array_records:
+    if keys.ARRAYS not in content.array_records and (
+        keys.DELTA not in content.array_records
+    ):
         return None, "reply has no model arrays"
     metrics = content.metric_records.get(keys.METRICS)
     n = metrics.get(keys.NUM_EXAMPLES) if metrics is not None else None

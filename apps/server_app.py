@@ -18,6 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from apps.central_dp import latest_ledger
 from apps.central_eval import central_evaluator
+from apps.exchange import DOWNLINK_BYTES, UPLINK_BYTES
+from apps.link import Link
 from apps.records import model_to_arrays
 from apps.run_lease import held_lease
 from apps.secagg import catalog_strategy_class
@@ -80,6 +82,10 @@ def wait_for_nodes(
             "num-supernodes smaller than min-nodes?)"
         )
     return count
+
+
+def _count(value: float | None) -> int | None:
+    return int(value) if value is not None else None
 
 
 def _mean(results: list[dict[str, float]], key: str) -> float | None:
@@ -302,6 +308,12 @@ def _run_with_catalog(
         distill_rounds=growth.distill_rounds if growth.distill_weight > 0 else 0,
         central_dp=cfg.privacy.central_dp,
         dispatch_stagger=cfg.simulation.dispatch_stagger,
+        link=Link(
+            cfg.link.update_compression,
+            cfg.link.topk_fraction,
+            cfg.link.downlink_compression,
+            cfg.training.seed,
+        ),
         calibration=(
             CalibrationSettings() if growth.head_calibration != "none" else None
         ),
@@ -323,8 +335,16 @@ def _run_with_catalog(
         initial_arrays=initial,
         num_rounds=num_rounds,
         timeout=cfg.training.round_timeout,
+        # whose ledgers, residuals and held models simulated devices keep
         train_config=(
-            ConfigRecord({keys.DP_LEDGER_SCOPE: scope}) if cfg.privacy.dp else None
+            ConfigRecord({keys.DP_LEDGER_SCOPE: scope})
+            if cfg.privacy.dp or cfg.link.device_state
+            else None
+        ),
+        evaluate_config=(
+            ConfigRecord({keys.DP_LEDGER_SCOPE: scope})
+            if cfg.link.device_state
+            else None
         ),
         class_map=class_map,
         first_round=first_round,
@@ -361,6 +381,8 @@ def _record_round(outputs: RunOutputs, rep: RoundReport, last_round: int) -> Non
                 ignored_examples=int(m[keys.IGNORED_EXAMPLES])
                 if keys.IGNORED_EXAMPLES in m
                 else None,
+                up_bytes=_count(m.get(UPLINK_BYTES)),
+                down_bytes=_count(m.get(DOWNLINK_BYTES)),
             )
     seconds = time.time() - rep.started
     outputs.add_row(
@@ -376,6 +398,8 @@ def _record_round(outputs: RunOutputs, rep: RoundReport, last_round: int) -> Non
         nodes_failed=len(rep.rejected),
         lr=rep.lr,
         seconds=seconds,
+        up_bytes=int(sum(m.get(UPLINK_BYTES, 0) for m in ok_train)),
+        down_bytes=int(sum(m.get(DOWNLINK_BYTES, 0) for m in ok_train)),
     )
     outputs.flush()
     train_loss = _mean(ok_train, keys.TRAIN_LOSS)

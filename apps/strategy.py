@@ -24,13 +24,15 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from apps.exchange import DOWNLINK_BYTES, ReplyFolder, collect_replies, fold_replies
 from apps.exchange import NodeOutcome as NodeResult
-from apps.exchange import ReplyFolder, collect_replies, fold_replies
 from apps.finisher import CentralEvaluation, RoundEnd, RoundFinisher
 from apps.growth import HeadGrowth, NoActiveCategoryError
 from apps.head_calibration import HeadCalibrator
 from apps.inner import make_inner_strategy, streams
 from apps.instructions import RoundInstructions
+from apps.link import Link
+from apps.link_records import message_bytes
 from apps.privacy_log import CentralDpError, central_spend, log_node_spend, refuse
 from apps.replies import weighs_examples
 from apps.roundbook import RoundBook, RoundReport, last_train_seconds
@@ -75,8 +77,9 @@ class CatalogStrategy(Strategy):
     (``model_args``, ``seed``, ``distill_rounds``), :class:`RoundInstructions`
     (``lr_fn``, ``central_dp``), :class:`HeadCalibrator` (``calibration``),
     :class:`RoundFinisher` (``evaluate_fn``, ``on_round``) and
-    :func:`apps.exchange.dispatch_plan` (``dispatch_stagger``). With fewer than
-    ``min_replies`` valid replies a round leaves the model unchanged.
+    :func:`apps.exchange.dispatch_plan` (``dispatch_stagger``) and
+    :class:`apps.link.Link` (``link``: compressed updates, int8 downlink). With
+    fewer than ``min_replies`` valid replies a round leaves the model unchanged.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class CatalogStrategy(Strategy):
         central_dp: str = "none",
         calibration: CalibrationSettings | None = None,
         dispatch_stagger: float = 0.0,
+        link: Link | None = None,
     ) -> None:
         self.versions = VersionKeeper(catalog, store, run_id, promote, provenance)
         self.inner, self.streams = inner, streams(inner)
@@ -112,6 +116,7 @@ class CatalogStrategy(Strategy):
         self.finisher = RoundFinisher(self.versions, self.book, evaluate_fn, on_round)
         self.catalog, self.run_id, self.min_replies = catalog, run_id, min_replies
         self.central_dp, self.dispatch_stagger = central_dp, dispatch_stagger
+        self.link = link if link is not None else Link("none", 0.0, "none")
         # what the collaborators keep, where callers and tests look for it
         self.reports = self.book.reports
         self.last_train_seconds = self.book.last_train_seconds
@@ -260,13 +265,20 @@ class CatalogStrategy(Strategy):
             refuse(server_round, self.central_dp, exc)
             raise
         self.book.start(report, len(messages))
+        messages = self.link.outgoing(messages, arrays, f"r{server_round}t")
+        sizes = _message_sizes(messages)
         alpha = getattr(self.base, "perf_alpha", None)  # PerfFedAvg's
-        folder = ReplyFolder(arrays, stream=self.streams, perf_alpha=alpha)
+        folder = ReplyFolder(
+            arrays, stream=self.streams, perf_alpha=alpha, link=self.link
+        )
         last, stagger = self.last_train_seconds, self.dispatch_stagger
         fold_replies(
             grid, messages, timeout, folder, last_seconds=last, stagger=stagger
         )
         del messages
+        for outcome in folder.outcomes:
+            if outcome.node_id in sizes:
+                outcome.metrics[DOWNLINK_BYTES] = float(sizes[outcome.node_id])
         self.book.trained(report, folder.outcomes, folder.rejected)
         log_node_spend(server_round, report.train)
         if folder.valid_count >= self.min_replies:
@@ -297,7 +309,10 @@ class CatalogStrategy(Strategy):
         )
         if not messages:
             return arrays
+        messages = self.link.outgoing(messages, arrays, f"r{server_round}e")
         replies, outcomes = collect_replies(run.grid, messages, run.timeout)
+        for reply in replies:
+            self.link.note(reply)
         self.book.evaluated(report, outcomes)
         ok = [m for m in replies if weighs_examples(m)]
         calibrator, heads = self.calibrator, self.growth.heads
@@ -308,3 +323,16 @@ class CatalogStrategy(Strategy):
             active = self.class_map.active_indices
             arrays = calibrator.calibrate(server_round, arrays, stats, heads, active)
         return arrays
+
+
+def _message_sizes(messages: list[Message]) -> dict[int, int]:
+    """Each destination's message size as Flower counts it (messages often
+    share one content: counted once)."""
+    counted: dict[int, int] = {}
+    sizes: dict[int, int] = {}
+    for m in messages:
+        key = id(m.content)
+        if key not in counted:
+            counted[key] = message_bytes(m.content)
+        sizes[m.metadata.dst_node_id] = counted[key]
+    return sizes

@@ -19,8 +19,17 @@ DISTILL_CLASSES = "distill-classes"  # > 0 after growth: distil the first k clas
 SECAGG_ARRAY_NAMES = "secagg-array-names"  # json list: names of the legacy arrays
 CENTRAL_DP = "central-dp"  # the central-DP mode; its replies weigh 1 each
 FEATURE_STATS = "feature-stats"  # true: send per-class feature statistics (CCVR)
-# dp=true: whose ledgers simulated devices spend (the run, or the run it resumes)
+# dp=true: whose ledgers simulated devices spend (the run, or the run it resumes);
+# with the edge link, also whose residuals and held models they keep
 DP_LEDGER_SCOPE = "dp-ledger-scope"
+# the edge link (apps/link.py): how a train reply is compressed, the top-k share,
+# whether models come down as int8 deltas, the id of the model a message carries
+# and, for a delta, the id of the model it applies to
+UPDATE_COMPRESSION = "update-compression"
+TOPK_FRACTION = "topk-fraction"
+DOWNLINK_COMPRESSION = "downlink-compression"
+LINK_MODEL = "link-model"
+DOWNLINK_BASE = "downlink-base"
 
 # MetricRecord keys (node -> server).
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
@@ -44,6 +53,13 @@ DP = "dp"  # ConfigRecord: accountant, device id, what is withheld
 # ConfigRecords in a train reply (node -> server): label slug -> image count.
 LABEL_HISTOGRAM = "label-histogram"  # images used, per category slug
 IGNORED_LABELS = "ignored-labels"  # images skipped: slug not (or not active) in map
+# The edge link: a compressed train reply carries DELTA (fedobj.compression.codec)
+# instead of ARRAYS; a downlink delta message carries DOWNLINK instead of ARRAYS;
+# LINK (ConfigRecord, node -> server) says the codec, the model id the update is
+# against, the layout digest and the model id the node now holds.
+DELTA = "delta"
+DOWNLINK = "downlink"
+LINK = "link"
 # ArrayRecord in an evaluate reply when asked (FEATURE_STATS): fedobj.calibration's
 # per-class count / sum / outer products of the head's input features
 FEATURE_STATS_ARRAYS = "feature-stats"

@@ -43,6 +43,9 @@ METRICS_SCHEMA = pa.schema(
         ("lr", pa.float64()),
         ("seconds", pa.float64()),
         ("ignored_examples", pa.int64()),
+        # train exchange, as Flower counts a message: reply (up), message (down)
+        ("up_bytes", pa.int64()),
+        ("down_bytes", pa.int64()),
         ("time", pa.float64()),
     ]
 )

@@ -8,10 +8,12 @@ validated once by :meth:`RunConfig.from_flower`:
 - :mod:`~fedobj.config.sections`: training, model, growth, evaluation,
   simulation, deployment;
 - :mod:`~fedobj.config.privacy`: DP-SGD, central DP, SecAgg+;
+- :mod:`~fedobj.config.link`: compressed updates and models (the edge link);
 - :mod:`~fedobj.config.retired`: keys that went, and why;
 - :mod:`~fedobj.config.run`: the whole, its combinations, and key checks.
 """
 
+from fedobj.config.link import LinkConfig
 from fedobj.config.privacy import (
     CENTRAL_DP_MODES,
     SECAGG_MODULUS,
@@ -35,6 +37,7 @@ __all__ = [
     "CENTRAL_DP_MODES",
     "HEAD_CALIBRATIONS",
     "KEYS",
+    "LinkConfig",
     "RETIRED",
     "SECAGG_MODULUS",
     "SECTIONS",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedobj.config.link import LinkConfig
 from fedobj.config.options import Section, coerce, key_of
 from fedobj.config.privacy import PrivacyConfig, SecAggConfig
 from fedobj.config.retired import refuse_retired
@@ -39,6 +40,7 @@ SECTIONS: tuple[type[Section], ...] = (
     SimulationConfig,
     PrivacyConfig,
     SecAggConfig,
+    LinkConfig,
     DeploymentConfig,
 )
 """Every section, in the order the reference lists them."""
@@ -110,6 +112,7 @@ class RunConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
 
     def __post_init__(self) -> None:
@@ -216,6 +219,18 @@ class RunConfig:
             "norm",
             "cannot be batch with secagg=true (BatchNorm's counters and running "
             "variances are unbounded: they do not fit a clipping range)",
+        )
+        need(
+            self.link.update_compression == "none",
+            "update-compression",
+            "must be none with secagg=true (SecAgg+ masks dense integer vectors: "
+            "a compressed update cannot be masked and summed)",
+        )
+        need(
+            self.link.downlink_compression == "none",
+            "downlink-compression",
+            "must be none with secagg=true (Flower's SecAgg+ workflow sends the "
+            "model itself)",
         )
 
     def _check_evaluation(self) -> None:

@@ -1,0 +1,223 @@
+"""The device's end of the edge link: a ClientApp mod.
+
+It sits outside every other mod (``ClientApp(mods=[link_mod, central_dp_mod])``),
+so it sees the message first and the reply last:
+
+- **downlink**: a message that carries the model as an int8 delta
+  (``keys.DOWNLINK``) is turned back into the full model from the one this
+  device holds, before anything else reads it; with ``downlink-compression``
+  on, every model received is kept as the one held (``device_state``);
+- **uplink**: a train reply's model becomes the update from the model received,
+  compressed as ``update-compression`` says (``int8``, or ``topk`` with the
+  residual kept on disk and added to the next update: error feedback).
+
+Because it is outermost, compression acts on what the other mods produced:
+after DP-SGD's noise (``dp=true``: post-processing, the guarantee is unchanged)
+and after central DP's client-side clipping. Quantisation noise or the
+residual could push a clipped update past the bound, so with client-side
+clipping the sent update is scaled back within it (what that removes stays in
+the residual under top-k). Evaluate replies, feature statistics included, are
+never compressed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+)
+from flwr.clientapp.typing import ClientAppCallable
+
+from apps.link_records import RecordError, pack, unpack
+from fedobj import keys
+from fedobj.aggregation.views import array_view
+from fedobj.compression import CodecError, Layout, encode_int8, encode_topk
+from fedobj.compression.codec import read_update
+from fedobj.compression.device_state import (
+    DeviceStateError,
+    load_held,
+    load_residual,
+    save_held,
+    save_residual,
+)
+from fedobj.compression.quantize import dequantize
+from fedobj.privacy import device_ledger_scope
+
+log = logging.getLogger("fedobj.link")
+
+CLIPPING_NORM = "clipping_norm"
+"""Flower's config key for the client-side clipping bound (central DP)."""
+
+
+class LinkError(ValueError):
+    """The device cannot take a message as the link sent it: says why."""
+
+
+def node_identity(node_config: Any) -> str | None:
+    """The device id its link state is kept under (as for the DP ledger)."""
+    if node_config.get(keys.NODE_DEVICE_ID):
+        return str(node_config[keys.NODE_DEVICE_ID])
+    if keys.NODE_PARTITION_ID in node_config:
+        return f"sim-{int(node_config[keys.NODE_PARTITION_ID])}"
+    return None
+
+
+def _cache_dir(node_config: Any) -> str:
+    from fedobj.data.node_data import default_cache_dir
+
+    return str(node_config.get(keys.NODE_CACHE_DIR) or default_cache_dir())
+
+
+def _rng(*parts: object) -> np.random.Generator:
+    text = "/".join(str(p) for p in parts)
+    seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+    return np.random.default_rng(seed)
+
+
+def _views(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: array_view(v) for k, v in record.items()}
+
+
+def _error(msg: Message, reason: str) -> Message:
+    log.warning("edge link: %s", reason)
+    return Message(Error(code=0, reason=reason), reply_to=msg)
+
+
+def link_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Decode a downlink delta, keep the held model, compress the train reply."""
+    kind = msg.metadata.message_type
+    config = msg.content.config_records.get(keys.CONFIG)
+    if kind not in (MessageType.TRAIN, MessageType.EVALUATE) or config is None:
+        return call_next(msg, ctxt)
+    codec = str(config.get(keys.UPDATE_COMPRESSION, "none"))
+    downlink = str(config.get(keys.DOWNLINK_COMPRESSION, "none"))
+    if codec == "none" and downlink == "none":
+        return call_next(msg, ctxt)
+    model_id = str(config.get(keys.LINK_MODEL, ""))
+    device = node_identity(ctxt.node_config)
+    scope = device_ledger_scope(
+        ctxt.node_config, config.get(keys.DP_LEDGER_SCOPE), ctxt.run_id
+    )
+    cache = _cache_dir(ctxt.node_config)
+    stateful = downlink != "none" or (codec == "topk" and kind == MessageType.TRAIN)
+    if stateful and device is None:
+        return _error(
+            msg,
+            "the edge link keeps state per device (top-k's residual, the held "
+            "model): set node config `device-id` on this SuperNode",
+        )
+    try:
+        if keys.DOWNLINK in msg.content.array_records:
+            assert device is not None
+            arrays = _apply_downlink(msg, config, cache, device, scope)
+            del msg.content[keys.DOWNLINK]
+            msg.content[keys.ARRAYS] = ArrayRecord(
+                {k: Array(v) for k, v in arrays.items()}
+            )
+        received = _views(msg.content.array_records[keys.ARRAYS])
+        if downlink != "none" and device is not None:
+            save_held(cache, device, scope, model_id, received)
+    except (LinkError, CodecError, RecordError, DeviceStateError, KeyError) as exc:
+        return _error(msg, f"downlink model unusable: {exc}")
+    layout = Layout.of(received)
+    flat_in = layout.flatten(received)
+    reply = call_next(msg, ctxt)
+    if reply.has_error():
+        return reply
+    link = ConfigRecord()
+    if downlink != "none":
+        link["held"] = model_id
+    if kind == MessageType.TRAIN and codec != "none" and _has_update(reply):
+        try:
+            arrays = _compress(
+                reply, config, codec, layout, flat_in, device, scope, cache
+            )
+        except DeviceStateError as exc:
+            return _error(msg, str(exc))
+        del reply.content[keys.ARRAYS]
+        reply.content[keys.DELTA] = pack(arrays)
+        link["codec"] = codec
+        link["base"] = model_id
+        link["layout"] = layout.digest
+    if len(link):
+        reply.content[keys.LINK] = link
+    return reply
+
+
+def _has_update(reply: Message) -> bool:
+    """A train reply with a model and examples (a 0-example reply is refused
+    by the server anyway; compressing it would spend the residual)."""
+    if keys.ARRAYS not in reply.content.array_records:
+        return False
+    metrics = reply.content.metric_records.get(keys.METRICS)
+    n = metrics.get(keys.NUM_EXAMPLES) if metrics is not None else None
+    return isinstance(n, (int, float)) and n > 0
+
+
+def _apply_downlink(
+    msg: Message, config: ConfigRecord, cache: str, device: str, scope: str | None
+) -> dict[str, np.ndarray]:
+    """The full model from the held one and the int8 delta the message carries."""
+    base = str(config.get(keys.DOWNLINK_BASE, ""))
+    held = load_held(cache, device, scope)
+    if held is None or held[0] != base:
+        have = held[0] if held is not None else "no model"
+        raise LinkError(
+            f"the server sent a delta against model {base!r}, this device holds {have}"
+        )
+    layout = Layout.of(held[1])
+    record = msg.content.array_records[keys.DOWNLINK]
+    update = read_update(unpack(record, layout.size * 5 + 1024), "int8", layout)
+    return layout.unflatten(layout.flatten(held[1]) + update.dense(layout))
+
+
+def _compress(
+    reply: Message,
+    config: ConfigRecord,
+    codec: str,
+    layout: Layout,
+    flat_in: np.ndarray,
+    device: str | None,
+    scope: str | None,
+    cache: str,
+) -> dict[str, np.ndarray]:
+    """The reply's update from the received model, as the codec's arrays."""
+    trained = _views(reply.content.array_records[keys.ARRAYS])
+    delta = layout.flatten(trained)
+    delta -= flat_in
+    model_id = str(config.get(keys.LINK_MODEL, ""))
+    rng = _rng(model_id, device or reply.metadata.src_node_id, codec)
+    bound = config.get(CLIPPING_NORM)
+    if codec == "int8":
+        arrays = encode_int8(delta, layout, rng)
+        if isinstance(bound, (int, float)):
+            sent = dequantize(arrays["q"], arrays["scale"], layout.chunk_starts)
+            arrays["scale"] = arrays["scale"] * _shrink(sent, float(bound))
+        return arrays
+    assert device is not None
+    fraction = float(config.get(keys.TOPK_FRACTION, 0.1))
+    target = delta + load_residual(cache, device, scope, layout)
+    arrays, idx, sent = encode_topk(target, layout, fraction, rng)
+    if isinstance(bound, (int, float)):
+        factor = _shrink(sent, float(bound))
+        arrays["scale"] = arrays["scale"] * factor
+        sent = sent * factor
+    target[idx] -= sent  # what was not sent: the residual
+    save_residual(cache, device, scope, layout, target)
+    return arrays
+
+
+def _shrink(sent: np.ndarray, bound: float) -> np.float32:
+    """The factor that brings ``sent`` within the clipping ``bound`` (<= 1)."""
+    norm = float(np.linalg.norm(sent.astype(np.float64)))
+    return np.float32(1.0 if norm <= bound or norm == 0 else bound / norm * 0.999999)
