@@ -41,8 +41,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from apps.link_records import RecordError, pack, unpack
 from fedobj import keys
 from fedobj.aggregation.views import array_view
-from fedobj.compression import CodecError, Layout, encode_int8, encode_topk
-from fedobj.compression.codec import read_update
+from fedobj.compression import CodecError, Layout, encode_int8
+from fedobj.compression.codec import encode_topk_feedback, read_update
 from fedobj.compression.device_state import (
     DeviceStateError,
     load_held,
@@ -50,7 +50,6 @@ from fedobj.compression.device_state import (
     save_held,
     save_residual,
 )
-from fedobj.compression.quantize import dequantize
 from fedobj.privacy import device_ledger_scope
 
 log = logging.getLogger("fedobj.link")
@@ -197,27 +196,15 @@ def _compress(
     delta -= flat_in
     model_id = str(config.get(keys.LINK_MODEL, ""))
     rng = _rng(model_id, device or reply.metadata.src_node_id, codec)
-    bound = config.get(CLIPPING_NORM)
+    limit = config.get(CLIPPING_NORM)
+    bound = float(limit) if isinstance(limit, (int, float)) else None
     if codec == "int8":
-        arrays = encode_int8(delta, layout, rng)
-        if isinstance(bound, (int, float)):
-            sent = dequantize(arrays["q"], arrays["scale"], layout.chunk_starts)
-            arrays["scale"] = arrays["scale"] * _shrink(sent, float(bound))
-        return arrays
+        return encode_int8(delta, layout, rng, bound)
     assert device is not None
     fraction = float(config.get(keys.TOPK_FRACTION, 0.1))
-    target = delta + load_residual(cache, device, scope, layout)
-    arrays, idx, sent = encode_topk(target, layout, fraction, rng)
-    if isinstance(bound, (int, float)):
-        factor = _shrink(sent, float(bound))
-        arrays["scale"] = arrays["scale"] * factor
-        sent = sent * factor
-    target[idx] -= sent  # what was not sent: the residual
-    save_residual(cache, device, scope, layout, target)
+    residual = load_residual(cache, device, scope, layout)
+    arrays, residual = encode_topk_feedback(
+        delta, residual, layout, fraction, rng, bound
+    )
+    save_residual(cache, device, scope, layout, residual)
     return arrays
-
-
-def _shrink(sent: np.ndarray, bound: float) -> np.float32:
-    """The factor that brings ``sent`` within the clipping ``bound`` (<= 1)."""
-    norm = float(np.linalg.norm(sent.astype(np.float64)))
-    return np.float32(1.0 if norm <= bound or norm == 0 else bound / norm * 0.999999)

@@ -50,19 +50,60 @@ def kept_starts(count: int) -> np.ndarray:
 
 
 def encode_int8(
-    delta: np.ndarray, layout: Layout, rng: np.random.Generator
+    delta: np.ndarray,
+    layout: Layout,
+    rng: np.random.Generator,
+    bound: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """The whole update, int8 with a scale per chunk."""
+    """The whole update, int8 with a scale per chunk; with ``bound``, scaled so
+    that what it stands for has an L2 norm of at most ``bound``."""
     q, scales = quantize(delta, layout.chunk_starts, rng)
+    if bound is not None:
+        scales = scales * within(dequantize(q, scales, layout.chunk_starts), bound)
     return {"q": q, "scale": scales}
+
+
+def within(sent: np.ndarray, bound: float) -> np.float32:
+    """The factor (<= 1) that brings ``sent``'s L2 norm within ``bound``.
+
+    Central DP's client-side clipping bounds the dense update; quantisation
+    noise, or top-k's residual added back, could take the update actually sent
+    past the bound, and the server's noise is sized by it.
+    """
+    norm = float(np.linalg.norm(sent.astype(np.float64)))
+    if norm <= bound or norm == 0.0:
+        return np.float32(1.0)
+    return np.float32(bound / norm * (1 - 1e-6))  # float32 rounding stays inside
+
+
+def encode_topk_feedback(
+    delta: np.ndarray,
+    residual: np.ndarray,
+    layout: Layout,
+    fraction: float,
+    rng: np.random.Generator,
+    bound: float | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Top-k with error feedback: the arrays to send for ``delta`` plus the
+    ``residual`` left from earlier rounds, and the new residual (everything not
+    sent, quantisation error included), so that over any number of rounds what
+    was sent plus what is left equals the sum of the true updates."""
+    target = delta + residual
+    arrays, idx, sent = encode_topk(target, layout, fraction, rng)
+    if bound is not None:
+        factor = within(sent, bound)
+        arrays["scale"] = arrays["scale"] * factor
+        sent = sent * factor
+    target[idx] -= sent
+    return arrays, target
 
 
 def encode_topk(
     target: np.ndarray, layout: Layout, fraction: float, rng: np.random.Generator
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """The top ``fraction`` of each tensor of ``target`` (the update plus the
-    node's residual): the arrays to send, the indices sent and the float32
-    values they stand for once dequantised (what the server will add)."""
+    """The top ``fraction`` of each tensor of ``target``: the arrays to send,
+    the indices sent and the float32 values they stand for once dequantised
+    (what the server will add). Nodes use :func:`encode_topk_feedback`."""
     idx = select_topk(target, layout, fraction)
     starts = kept_starts(idx.size)
     q, scales = quantize(target[idx], starts, rng)

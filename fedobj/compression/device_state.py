@@ -52,7 +52,7 @@ def _write(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **dict(arrays))  # type: ignore[arg-type]
     os.replace(tmp, path)
 
 

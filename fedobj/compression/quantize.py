@@ -40,4 +40,5 @@ def dequantize(q: np.ndarray, scales: np.ndarray, starts: np.ndarray) -> np.ndar
     """The float32 values ``q`` stands for (the whole vector: for a node's own
     bookkeeping; the server folds chunk by chunk, see ``fedobj.compression.mean``)."""
     lengths = np.diff(np.append(starts, q.size))
-    return q.astype(np.float32) * np.repeat(scales, lengths)
+    out: np.ndarray = q.astype(np.float32) * np.repeat(scales, lengths)
+    return out

@@ -23,10 +23,7 @@ from tests.conftest import FIXTURE_FMNIST, ROOT, free_port
 
 pytestmark = pytest.mark.e2e
 
-BASE = (
-    "num-server-rounds=3 min-nodes=3 local-epochs=2 "
-    'partitioner="iid"'
-)
+BASE = 'num-server-rounds=3 min-nodes=3 local-epochs=2 partitioner="iid"'
 
 
 @pytest.fixture(scope="module")
