@@ -1,0 +1,89 @@
+"""The edge link on real SuperNodes: a SuperLink and two `flower-supernode`
+processes on 127.0.0.1, each over its own image folder and with its own
+`device-id`, train with top-k updates (error feedback) and int8 downlink deltas.
+
+Each ClientApp is a fresh process per message, so everything the link keeps
+between rounds must be on the device's disk: the residual and the held model,
+under its cache folder and device id (a real device's, so not per run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.apps.test_deployment import (
+    BIN,
+    _env,
+    _start,
+    _stop_all,
+    deploy_run,
+    start_superlink,
+    wait_healthy,
+)
+from tests.conftest import free_port, write_image_folder
+
+pytestmark = pytest.mark.deployment
+
+
+def test_supernodes_train_with_compressed_updates_and_deltas(tmp_path: Path) -> None:
+    home, outputs = tmp_path / "flwr", tmp_path / "outputs"
+    home.mkdir()
+    env = _env(home, outputs)
+    port, control = free_port(), free_port()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "deploy"\n\n'
+        f'[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    procs = [start_superlink(home, port, control, env, tmp_path / "superlink.log")]
+    try:
+        wait_healthy(port, tmp_path / "superlink.log")
+        for i in range(2):
+            root = write_image_folder(
+                tmp_path / f"device{i}", per_class=40, offset=40 * i
+            )
+            cache = tmp_path / f"cache{i}"
+            node_config = f"data-dir='{root}' cache-dir='{cache}' device-id='board-{i}'"
+            procs.append(
+                _start(
+                    [
+                        str(BIN / "flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--port",
+                        str(free_port()),
+                        "--node-config",
+                        node_config,
+                    ],
+                    env,
+                    tmp_path / f"supernode{i}.log",
+                )
+            )
+        run = deploy_run(
+            env,
+            "num-server-rounds=3 min-nodes=2 fraction-evaluate=1.0 local-epochs=2 "
+            'update-compression="topk" topk-fraction=0.1 downlink-compression="int8"',
+        )
+        log = run.stdout + run.stderr
+        assert run.returncode == 0, log[-4000:]
+        assert "round 3/3: 2/2 nodes replied" in log, log[-4000:]
+    finally:
+        left = _stop_all(procs)
+    assert not left, f"processes left running: {left}"
+    for i in range(2):  # a real device's state: its id, no run scope
+        state = tmp_path / f"cache{i}" / "link"
+        assert (state / f"board-{i}.residual.npz").is_file()
+        assert (state / f"board-{i}.held.npz").is_file()
+    rows = pq.read_table((outputs / "latest" / "metrics.parquet").resolve()).to_pylist()
+    train = [r for r in rows if r["kind"] == "node-train"]
+    assert len(train) == 6 and all(r["up_bytes"] for r in train)
+    first = max(r["down_bytes"] for r in train if r["round"] == 1)  # whole model
+    later = max(r["down_bytes"] for r in train if r["round"] > 1)  # int8 deltas
+    assert first / later > 3.5, (first, later)
+    assert first / max(r["up_bytes"] for r in train) > 15  # top-k 10%
+    rounds = [r for r in rows if r["kind"] == "round"]
+    assert rounds[-1]["nodes_replied"] == 2 and rounds[-1]["nodes_failed"] == 0
+    assert rounds[-1]["central_accuracy"] > 0.3, rounds  # chance is 0.10
