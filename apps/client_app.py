@@ -27,6 +27,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from apps.central_dp import central_dp_mod
+from apps.link_node import link_mod
 from apps.records import get_model_context, load_arrays, model_to_arrays
 from apps.secagg_client import secaggplus_route_mod
 from fedobj import keys
@@ -57,8 +58,10 @@ from fedobj.train import (
 )
 
 log = logging.getLogger("fedobj.client")
-# central DP: equal weights, and client-side clipping when the server asks for it
-app = ClientApp(mods=[central_dp_mod])
+# outermost, the edge link (apps/link_node.py): it decodes the model first and
+# compresses the reply last, after DP-SGD's noise and central DP's clipping;
+# then central DP: equal weights, and client-side clipping when asked for
+app = ClientApp(mods=[link_mod, central_dp_mod])
 
 
 @functools.lru_cache(maxsize=1)
