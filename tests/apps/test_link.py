@@ -335,3 +335,46 @@ def test_secagg_with_compression_is_refused_before_round_one(extra, key) -> None
 def test_bad_link_values_are_refused(extra, key) -> None:
     with pytest.raises(ConfigError, match=f"`{key}`"):
         RunConfig.from_flower(extra)
+
+
+def test_the_link_is_the_outermost_mod() -> None:
+    """Outermost, it compresses what DP-SGD's noise and central DP's clipping
+    produced (post-processing), and decodes before any other mod reads."""
+    import apps.client_app as client
+
+    assert client.app._mods[:2] == [link_mod, central_dp_mod]
+
+
+def test_after_head_growth_the_downlink_sends_the_whole_model(tmp_path) -> None:
+    link = Link("int8", 0.1, "int8")
+    arrays = _arrays(MODEL)
+    _round(link, arrays, [1], tmp_path, "r1t")
+    grown = dict(MODEL)
+    grown["head.weight"] = np.concatenate(
+        [MODEL["head.weight"], MODEL["head.weight"][:1]]
+    )
+    grown["head.bias"] = np.zeros(11, np.float32)
+    messages, sent, folder, folded = _round(link, _arrays(grown), [1], tmp_path, "r2t")
+    assert keys.ARRAYS in messages[0].content.array_records  # not a delta
+    assert folder.valid_count == 1 and sent == [[keys.DELTA]]
+    assert _numpy(folded)["head.weight"].shape == (11, 144)
+
+
+def test_perffedavg_weights_compressed_replies_like_dense_ones(tmp_path) -> None:
+    def perf_round(codec: str) -> dict[str, np.ndarray]:
+        link = Link(codec, 0.1, "none")
+        arrays = _arrays(MODEL)
+        messages = link.outgoing(_server_messages([1, 2, 3], arrays), arrays, "r1t")
+        folder = ReplyFolder(arrays, perf_alpha=0.5, link=link)
+        for m in messages:
+            reply = _deliver(m, tmp_path / codec)
+            node = reply.metadata.src_node_id
+            reply.content[keys.METRICS][keys.LOCAL_ACCURACY] = 1.0 - 0.3 * node
+            folder(reply)
+        folded, _ = folder.aggregate()
+        return _numpy(folded)
+
+    dense, compressed = perf_round("none"), perf_round("int8")
+    for k in MODEL:
+        np.testing.assert_allclose(compressed[k], dense[k], atol=2e-4)
+    assert not np.allclose(dense["head.bias"], _expected([1, 2, 3]))  # not FedAvg
