@@ -19,7 +19,9 @@ a busy machine every mode pays the same noise).
 
 First, ``codec`` lines: one real update (``--model`` after one local epoch on one
 node's images), encoded by each codec: bytes raw and with zstd (level 3, each
-array its own frame), and the milliseconds encoding and zstd take.
+array its own frame), the milliseconds encoding and zstd take, and the
+server's milliseconds per reply to read, check and fold it (``none``: the dense
+streaming mean's).
 
 Output (stdout): one JSON line per codec, per mode and round, and per mode a
 summary ``{"bench": "compression", "mode", "uplink_reduction", "final_accuracy",
@@ -77,8 +79,9 @@ def codec_lines(model: str, image_size: int) -> None:
     import numpy as np
     import torch
 
-    from apps.link_records import pack
-    from fedobj.compression import Layout, encode_int8
+    from apps.link_records import pack, unpack
+    from fedobj.aggregation import StreamingMean
+    from fedobj.compression import CompressedMean, Layout, encode_int8, read_update
     from fedobj.compression.codec import encode_topk_feedback
     from fedobj.data.fashion_mnist import load_fashion_mnist
     from fedobj.model.factory import ModelArgs, build_model
@@ -110,6 +113,20 @@ def codec_lines(model: str, image_size: int) -> None:
             delta, np.zeros_like(delta), layout, 0.01, rng
         )[0],
     }
+    replies = 20
+    reference = {k: np.ascontiguousarray(v) for k, v in before.items()}
+    t0 = time.perf_counter()
+    dense_mean = StreamingMean(reference)
+    for _ in range(replies):
+        dense_mean.add(after, 10.0)
+    dense_mean.result()
+    emit(
+        figure="codec",
+        model=model,
+        codec="none",
+        dense_bytes=dense,
+        fold_ms_per_reply=round((time.perf_counter() - t0) * 1000 / replies, 2),
+    )
     for name, encode in cases.items():
         t0 = time.perf_counter()
         arrays = encode()
@@ -118,6 +135,13 @@ def codec_lines(model: str, image_size: int) -> None:
         t2 = time.perf_counter()
         raw = sum(a.nbytes for a in arrays.values())
         packed = record.count_bytes()
+        codec = "int8" if name == "int8" else "topk"
+        t3 = time.perf_counter()
+        mean = CompressedMean(layout, {"b": layout.flatten(reference)})
+        for _ in range(replies):
+            mean.add(read_update(unpack(record, dense * 2), codec, layout), 10.0, "b")
+        mean.result()
+        fold_ms = (time.perf_counter() - t3) * 1000 / replies
         emit(
             figure="codec",
             model=model,
@@ -129,6 +153,7 @@ def codec_lines(model: str, image_size: int) -> None:
             zstd_reduction=round(dense / packed, 2),
             encode_ms=round((t1 - t0) * 1000, 2),
             zstd_ms=round((t2 - t1) * 1000, 2),
+            fold_ms_per_reply=round(fold_ms, 2),  # read, check, inflate, fold
         )
 
 
