@@ -88,6 +88,11 @@ def _count(value: float | None) -> int | None:
     return int(value) if value is not None else None
 
 
+def _per_node(results: list[dict[str, float]], key: str) -> float | None:
+    values = [r[key] for r in results if key in r]
+    return sum(values) / len(values) if values else None
+
+
 def _mean(results: list[dict[str, float]], key: str) -> float | None:
     pairs = [(r[key], r.get(keys.NUM_EXAMPLES, 0.0)) for r in results if key in r]
     total = sum(w for _, w in pairs)
@@ -412,9 +417,16 @@ def _record_round(outputs: RunOutputs, rep: RoundReport, last_round: int) -> Non
         kinds = Counter(b.failure or "dropped" for b in rep.rejected)
         why = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         extra += f", {len(rep.rejected)} rejected ({why})"
+    up = _per_node(ok_train, UPLINK_BYTES)
+    down = _per_node(ok_train, DOWNLINK_BYTES)
+    link = (
+        f", link {up / 1e3:.0f} kB up / {down / 1e3:.0f} kB down per node"
+        if up is not None and down is not None
+        else ""
+    )
     log.info(
         "round %d/%d: %d/%d nodes replied%s, train loss %s, central accuracy %s "
-        "(loss %s), version %s, %.1f s",
+        "(loss %s), version %s, %.1f s%s",
         r,
         last_round,
         len(ok_train),
@@ -425,6 +437,7 @@ def _record_round(outputs: RunOutputs, rep: RoundReport, last_round: int) -> Non
         "n/a" if loss is None else f"{loss:.4f}",
         rep.version.name if rep.version else "-",
         seconds,
+        link,
     )
 
 

@@ -19,6 +19,7 @@ PAGES = (
     "secure-aggregation.md",
     "simulation.md",
     "edge.md",
+    "slow-links.md",
     "admin-api-and-console.md",
     "configuration.md",
     "results.md",

@@ -59,6 +59,7 @@ def _run(link: LocalSuperLink, outputs: Path, extra: str) -> tuple[dict, list[di
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "round 3/3: 3/3 nodes replied" in log, log[-4000:]
+    assert "kB up /" in log and "kB down per node" in log  # the round line says
     run_dir = (outputs / "latest").resolve()
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
