@@ -44,10 +44,16 @@ class HeldModel:
 class Link:
     """The edge link of one run: ``codec`` for train replies (``none``,
     ``int8``, ``topk``), ``fraction`` for top-k, ``downlink`` (``none``,
-    ``int8``); ``seed`` seeds the downlink's stochastic rounding."""
+    ``int8``); ``seed`` seeds the downlink's stochastic rounding, ``run`` names
+    the run in every model id (a device's file from another run never matches)."""
 
     def __init__(
-        self, codec: str, fraction: float, downlink: str, seed: int = 0
+        self,
+        codec: str,
+        fraction: float,
+        downlink: str,
+        seed: int = 0,
+        run: str = "",
     ) -> None:
         self.codec, self.fraction, self.downlink, self.seed = (
             codec,
@@ -60,6 +66,7 @@ class Link:
         self.sent: dict[int, str] = {}  # node id -> model id sent in this exchange
         self.down_bytes: dict[int, int] = {}  # node id -> bytes of its message
         self._serial = 0
+        self.run = run
 
     @property
     def active(self) -> bool:
@@ -141,7 +148,11 @@ class Link:
 
     def _new_id(self, label: str) -> str:
         self._serial += 1
-        return f"{label}.{self._serial}"
+        return (
+            f"{self.run}/{label}.{self._serial}"
+            if self.run
+            else f"{label}.{self._serial}"
+        )
 
     def _prune(self) -> None:
         """Keep the models sent in this exchange and the newest others some

@@ -318,6 +318,7 @@ def _run_with_catalog(
             cfg.link.topk_fraction,
             cfg.link.downlink_compression,
             cfg.training.seed,
+            run_id,
         ),
         calibration=(
             CalibrationSettings() if growth.head_calibration != "none" else None
