@@ -16,7 +16,6 @@ layout, gets the full model. The last :data:`KEPT_MODELS` models are kept.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from fedobj import keys
 from fedobj.aggregation.views import array_view
 from fedobj.compression import CodecError, Layout, Update, dequantize, quantize
 from fedobj.compression.codec import read_update
+from fedobj.compression.quantize import seeded_rng
 
 KEPT_MODELS = 4
 """Models the server keeps to send deltas against (each is the model's size)."""
@@ -132,7 +132,7 @@ class Link:
             config[keys.LINK_MODEL] = model_id
             return RecordDict(records), model_id
         target, held = self.models[model_id], self.models[base]
-        rng = _rng(self.seed, model_id, base)
+        rng = seeded_rng(self.seed, model_id, base)
         q, scales = quantize(target.flat - held.flat, held.layout.chunk_starts, rng)
         layout = held.layout
         landed = layout.flatten(
@@ -237,9 +237,3 @@ class Link:
 
 def _content_bytes(content: RecordDict) -> int:
     return int(sum(r.count_bytes() for r in content.values()))
-
-
-def _rng(*parts: object) -> np.random.Generator:
-    text = "/".join(str(p) for p in parts)
-    seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
-    return np.random.default_rng(seed)

@@ -22,7 +22,6 @@ never compressed.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
@@ -50,6 +49,7 @@ from fedobj.compression.device_state import (
     save_held,
     save_residual,
 )
+from fedobj.compression.quantize import seeded_rng
 from fedobj.privacy import device_ledger_scope
 
 log = logging.getLogger("fedobj.link")
@@ -75,12 +75,6 @@ def _cache_dir(node_config: Any) -> str:
     from fedobj.data.node_data import default_cache_dir
 
     return str(node_config.get(keys.NODE_CACHE_DIR) or default_cache_dir())
-
-
-def _rng(*parts: object) -> np.random.Generator:
-    text = "/".join(str(p) for p in parts)
-    seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
-    return np.random.default_rng(seed)
 
 
 def _views(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -195,7 +189,7 @@ def _compress(
     delta = layout.flatten(trained)
     delta -= flat_in
     model_id = str(config.get(keys.LINK_MODEL, ""))
-    rng = _rng(model_id, device or reply.metadata.src_node_id, codec)
+    rng = seeded_rng(model_id, device or reply.metadata.src_node_id, codec)
     limit = config.get(CLIPPING_NORM)
     bound = float(limit) if isinstance(limit, (int, float)) else None
     if codec == "int8":

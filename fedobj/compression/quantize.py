@@ -10,6 +10,8 @@ bias; a value's error is below its chunk's scale, and zeros stay exactly zero.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 MAX_LEVEL = 127
@@ -42,3 +44,12 @@ def dequantize(q: np.ndarray, scales: np.ndarray, starts: np.ndarray) -> np.ndar
     lengths = np.diff(np.append(starts, q.size))
     out: np.ndarray = q.astype(np.float32) * np.repeat(scales, lengths)
     return out
+
+
+def seeded_rng(*parts: object) -> np.random.Generator:
+    """A generator seeded by ``parts`` (a model id, a device, a codec): the
+    same message quantised twice rounds the same way, so a seeded simulation
+    repeats, and the server can compute what a device will decode."""
+    text = "/".join(str(p) for p in parts)
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "big"))
