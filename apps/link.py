@@ -64,7 +64,6 @@ class Link:
         self.models: dict[str, HeldModel] = {}
         self.held: dict[int, str] = {}  # node id -> the model id it holds
         self.sent: dict[int, str] = {}  # node id -> model id sent in this exchange
-        self.down_bytes: dict[int, int] = {}  # node id -> bytes of its message
         self._serial = 0
         self.run = run
 
@@ -92,7 +91,6 @@ class Link:
         model_id = self._new_id(label)
         self.models[model_id] = HeldModel(layout, layout.flatten(views))
         self.sent.clear()
-        self.down_bytes.clear()
         groups: dict[str | None, tuple[RecordDict, str]] = {}
         out: list[Message] = []
         for message in messages:
@@ -105,7 +103,6 @@ class Link:
                 groups[base] = self._content(message.content, base, model_id)
             content, sent_id = groups[base]
             self.sent[node] = sent_id
-            self.down_bytes[node] = _content_bytes(content)
             out.append(
                 Message(
                     content=content,
@@ -234,6 +231,3 @@ class Link:
             {k: Array(v) for k, v in held.layout.unflatten(flat).items()}
         )
 
-
-def _content_bytes(content: RecordDict) -> int:
-    return int(sum(r.count_bytes() for r in content.values()))
