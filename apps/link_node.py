@@ -39,7 +39,6 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from apps.link_records import RecordError, pack, unpack
 from fedobj import keys
-from fedobj.aggregation.views import array_view
 from fedobj.compression import CodecError, Layout, encode_int8
 from fedobj.compression.codec import encode_topk_feedback, read_update
 from fedobj.compression.device_state import (
@@ -78,7 +77,10 @@ def _cache_dir(node_config: Any) -> str:
 
 
 def _views(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: array_view(v) for k, v in record.items()}
+    """The record's arrays (copies: a node holds one model; the server's
+    zero-copy views live in fedobj.aggregation, whose BLAS import a ClientApp
+    process would pay for nothing)."""
+    return {k: np.asarray(v.numpy()) for k, v in record.items()}
 
 
 def _error(msg: Message, reason: str) -> Message:

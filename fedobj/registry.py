@@ -26,15 +26,14 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
-
-import pyarrow as pa
-from pyarrow import fs as pafs
 
 from fedobj.errors import FedObjError
 
 if TYPE_CHECKING:
+    from pyarrow import fs as pafs
+
     from fedobj.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -55,8 +54,22 @@ PUBLIC_OPTIONS = (
 """URI query options kept in recorded artifact URIs: where and how to connect,
 nothing secret (S3 credentials in ``user:secret@`` are dropped, always)."""
 
-_FS_ERRORS = (OSError, pa.ArrowException)
-"""What ``pyarrow.fs`` raises: ``OSError`` for I/O, ``ArrowInvalid`` for bad URIs."""
+
+def _fs() -> Any:
+    """``pyarrow.fs``, imported on first use: a ClientApp imports this module
+    (through ``fedobj.config``) but never opens a registry, and Flower starts a
+    fresh ClientApp process for every message on a SuperNode (pyarrow: ~50 ms)."""
+    from pyarrow import fs
+
+    return fs
+
+
+def _fs_errors() -> tuple[type[BaseException], ...]:
+    """What ``pyarrow.fs`` raises: ``OSError`` for I/O, ``ArrowInvalid`` for bad
+    URIs (a pyarrow error can only be raised once pyarrow is imported)."""
+    import pyarrow as pa
+
+    return (OSError, pa.ArrowException)
 
 
 class ArtifactError(FedObjError):
@@ -121,12 +134,12 @@ class ArtifactStore:
         self.public_root = public_uri(root_str)
         try:
             if "://" in root_str:
-                self.fs, self.root = pafs.FileSystem.from_uri(root_str)
+                self.fs, self.root = _fs().FileSystem.from_uri(root_str)
             else:
-                self.fs = pafs.LocalFileSystem()
+                self.fs = _fs().LocalFileSystem()
                 self.root = str(Path(root_str).expanduser().resolve())
             self.fs.create_dir(self.root, recursive=True)
-        except _FS_ERRORS as exc:
+        except _fs_errors() as exc:
             raise ArtifactError(
                 f"cannot open registry {self.public_root}: {_one_line(exc)}"
             ) from exc
@@ -167,10 +180,10 @@ class ArtifactStore:
             rest = _location(uri)[1][len(self._root_path) :]
             return self.fs, f"{self.root.rstrip('/')}{rest}"
         if "://" not in uri:
-            return pafs.LocalFileSystem(), uri
+            return _fs().LocalFileSystem(), uri
         try:
-            filesystem, path = pafs.FileSystem.from_uri(uri)
-        except _FS_ERRORS as exc:
+            filesystem, path = _fs().FileSystem.from_uri(uri)
+        except _fs_errors() as exc:
             raise self._elsewhere(uri, exc) from exc
         return filesystem, path
 
@@ -187,7 +200,7 @@ class ArtifactStore:
         filesystem, path = self._locate(uri)
         try:
             return filesystem, path, filesystem.get_file_info(path)
-        except _FS_ERRORS as exc:
+        except _fs_errors() as exc:
             if self.holds(uri) or "://" not in uri:
                 raise ArtifactError(
                     f"cannot read artifact {public_uri(uri)}: {_one_line(exc)}"
@@ -214,7 +227,7 @@ class ArtifactStore:
                 self.fs.move(tmp, path)
             finally:
                 self._discard(tmp)
-        except _FS_ERRORS as exc:
+        except _fs_errors() as exc:
             raise ArtifactWriteError(
                 self._write_failure(what, key, len(data), exc)
             ) from exc
@@ -224,9 +237,9 @@ class ArtifactStore:
         """Remove a temp object if a failed write left one (best effort: the
         write's own error is the one to report)."""
         try:
-            if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            if self.fs.get_file_info(tmp).type != _fs().FileType.NotFound:
                 self.fs.delete_file(tmp)
-        except _FS_ERRORS as exc:
+        except _fs_errors() as exc:
             log.warning("could not remove temp artifact %s: %s", tmp, exc)
 
     def _write_failure(self, what: str, key: str, size: int, exc: BaseException) -> str:
@@ -247,12 +260,12 @@ class ArtifactStore:
     def read_verified(self, uri: str, sha256: str) -> bytes:
         """The artifact's bytes, if and only if they hash to ``sha256``."""
         filesystem, path, info = self._info(uri)
-        if info.type != pafs.FileType.File:
+        if info.type != _fs().FileType.File:
             raise ArtifactError(f"artifact {public_uri(uri)} does not exist")
         try:
             with filesystem.open_input_stream(path) as src:
                 data = bytes(src.read())
-        except _FS_ERRORS as exc:
+        except _fs_errors() as exc:
             raise ArtifactError(
                 f"cannot read artifact {public_uri(uri)}: {_one_line(exc)}"
             ) from exc
@@ -266,17 +279,17 @@ class ArtifactStore:
 
     def delete(self, uri: str) -> None:
         filesystem, path, info = self._info(uri)
-        if info.type != pafs.FileType.File:
+        if info.type != _fs().FileType.File:
             return
         try:
             filesystem.delete_file(path)
-        except _FS_ERRORS as exc:
+        except _fs_errors() as exc:
             raise ArtifactError(
                 f"cannot delete artifact {public_uri(uri)}: {_one_line(exc)}"
             ) from exc
 
     def exists(self, uri: str) -> bool:
-        return bool(self._info(uri)[2].type == pafs.FileType.File)
+        return bool(self._info(uri)[2].type == _fs().FileType.File)
 
     def save_checkpoint(self, key: str, ckpt: Checkpoint) -> Artifact:
         # Imported here: checkpoints need torch, and serving an exported model

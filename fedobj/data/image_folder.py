@@ -3,7 +3,10 @@
 Real folders hold surprises (a ``.DS_Store``, a truncated JPEG, a PDF); each is
 skipped and counted with its reason, never allowed to crash a round. Prepared arrays
 can be cached on disk because a SuperNode starts a fresh ClientApp process for every
-message: decoding the same JPEGs every round would dominate its time.
+message: decoding the same JPEGs every round would dominate its time. The cache is
+a plain ``.npy`` opened memory-mapped: a message's process reads only the pages
+it indexes, straight from the page cache the device's earlier messages left, with
+no copy of the whole folder's pixels per message.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,29 +182,51 @@ def _cache_path(
     size: int,
     cache_dir: str | Path | None,
 ) -> Path | None:
-    """Cache key: every file's path, size and mtime, plus the decode settings."""
+    """The cache entry's manifest (``imagefolder-<key>.json``), or None.
+
+    The key hashes every file's path, size and mtime, plus the decode settings:
+    any change to the folder makes a new entry. Beside the manifest lie
+    ``<key>.images.npy`` and ``<key>.labels.npy``.
+    """
     if cache_dir is None:
         return None
     h = hashlib.sha256(f"{root}|{channels}|{size}".encode())
     for _, f in files:
         st = f.stat()
         h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return Path(cache_dir) / f"imagefolder-{h.hexdigest()[:24]}.npz"
+    return Path(cache_dir) / f"imagefolder-{h.hexdigest()[:24]}.json"
+
+
+def _arrays_of(manifest: Path) -> tuple[Path, Path]:
+    stem = manifest.with_suffix("")
+    return stem.with_suffix(".images.npy"), stem.with_suffix(".labels.npy")
 
 
 def _write_cache(path: Path, data: ImageArrays, report: FolderReport) -> None:
+    """Arrays first, the manifest last: a manifest means a complete entry (each
+    file is written under a temporary name and renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    meta = json.dumps({"slugs": list(data.label_slugs), "report": report.to_dict()})
-    np.savez(tmp, images=data.images, labels=data.labels, meta=np.array(meta))
+    tag = f".tmp-{os.getpid()}"
+    for dest, array in zip(_arrays_of(path), (data.images, data.labels), strict=True):
+        tmp = dest.with_name(dest.name + tag)
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array))
+        tmp.replace(dest)
+    meta = {"slugs": list(data.label_slugs), "report": report.to_dict()}
+    tmp = path.with_name(path.name + tag)
+    tmp.write_text(json.dumps(meta))
     tmp.replace(path)
     log.info("cached %d prepared images at %s", len(data), path)
 
 
 def _read_cache(path: Path, root: Path) -> tuple[ImageArrays, FolderReport]:
-    with np.load(path) as npz:
-        meta = json.loads(str(npz["meta"]))
-        data = ImageArrays(npz["images"], npz["labels"], tuple(meta["slugs"]))
+    meta = json.loads(path.read_text())
+    images_file, labels_file = _arrays_of(path)
+    data = ImageArrays(
+        np.load(images_file, mmap_mode="r"),  # read-only: subsets are copies
+        np.load(labels_file),
+        tuple(meta["slugs"]),
+    )
     rep = meta["report"]
     report = FolderReport(
         root, Counter(rep["counts"]), [(s["path"], s["reason"]) for s in rep["skipped"]]

@@ -18,6 +18,7 @@ from torch import nn
 from fedobj.model.fastpath import fast_forward
 from fedobj.train.losses import distillation_loss, logit_mask
 from fedobj.train.settings import TrainConfig, TrainResult
+from fedobj.train.sgd import FusedSGD
 from fedobj.train.tensors import LabelledTensors, to_input
 
 
@@ -87,14 +88,16 @@ def _train(
     gen = torch.Generator().manual_seed(cfg.seed)
     params = list(model.parameters())
     # fused: one kernel per parameter for momentum, decay and update (0.17 against
-    # 0.45 ms a step for the cnn); the same update to float32 rounding
+    # 0.45 ms a step for the cnn); the same update to float32 rounding. FusedSGD
+    # is torch's SGD(fused=True) without torch.optim's import of torch._dynamo
+    # (1.4-1.8 s in every ClientApp process on a SuperNode: fedobj/train/sgd.py)
     fused = all(p.dtype in (torch.float32, torch.float64) for p in params)
-    opt = torch.optim.SGD(
-        params,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        fused=fused or None,
+    opt: FusedSGD | torch.optim.SGD = (
+        FusedSGD(params, cfg.lr, cfg.momentum, cfg.weight_decay)
+        if fused
+        else torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     )
     global_params = (
         [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else []

@@ -170,7 +170,8 @@ def test_superlink_and_two_supernodes_train_from_image_folders(tmp_path: Path) -
         assert run.returncode == 0, log[-4000:]
         assert "round 2/2: 2/2 nodes replied" in log, log[-4000:]
         # each device decoded its folder once and cached it on its own disk
-        assert len(list((tmp_path / "cache0").glob("*.npz"))) == 1
+        assert len(list((tmp_path / "cache0").glob("imagefolder-*.json"))) == 1
+        assert len(list((tmp_path / "cache0").glob("imagefolder-*.npy"))) == 2
         summary = (outputs / "latest" / "summary.json").read_text()
         assert '"rounds": 2' in summary
     finally:

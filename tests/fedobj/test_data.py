@@ -149,7 +149,7 @@ def test_image_folder_colour_any_size_and_disk_cache(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     data, _ = load_image_folder(root, channels=3, size=32, cache_dir=cache)
     assert data.images.shape == (6, 3, 32, 32)
-    assert len(list(cache.glob("*.npz"))) == 1
+    assert len(list(cache.glob("imagefolder-*.json"))) == 1
     again, report = load_image_folder(root, channels=3, size=32, cache_dir=cache)
     np.testing.assert_array_equal(again.images, data.images)
     assert report.total == 6

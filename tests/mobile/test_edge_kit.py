@@ -233,7 +233,7 @@ def test_launcher_prepares_the_cache_the_client_app_reads(tmp_path: Path) -> Non
     data = write_image_folder(tmp_path / "photos", per_class=3, classes=2)
     cache = tmp_path / "cache"
     launcher._prepare("1x28", data, cache)
-    (cached,) = cache.glob("*.npz")
+    (cached,) = cache.glob("imagefolder-*.json")
     before = cached.stat().st_mtime_ns
     node = load_node_data(
         {"data-dir": str(data), "cache-dir": str(cache), "device-id": "b"},
@@ -247,7 +247,7 @@ def test_launcher_prepares_the_cache_the_client_app_reads(tmp_path: Path) -> Non
         size=28,
     )
     assert len(node.train) + len(node.eval) == 6
-    assert [p.stat().st_mtime_ns for p in cache.glob("*.npz")] == [before]
+    assert [p.stat().st_mtime_ns for p in cache.glob("*.json")] == [before]
 
 
 # ------------------------------------------------------------------ deployment
@@ -308,9 +308,9 @@ def test_launcher_supernodes_train_with_a_real_superlink(tmp_path: Path) -> None
         log = run.stdout + run.stderr
         assert run.returncode == 0, log[-4000:]
         assert "round 1/1: 2/2 nodes replied" in log, log[-4000:]
-        # --prepare filled the cache the ClientApp then read: still one file each
+        # --prepare filled the cache the ClientApp then read: still one entry each
         for i in range(2):
-            assert len(list((tmp_path / f"cache{i}").glob("*.npz"))) == 1
+            assert len(list((tmp_path / f"cache{i}").glob("*.json"))) == 1
         launcher_log = (tmp_path / "supernode0.log").read_text()
         assert "--node-config" in launcher_log and "board-0" in launcher_log
     finally:

@@ -10,7 +10,9 @@ loop. Differences from quickstart, each to match what fedobj does:
   round 1) and ``min_evaluate_nodes = 2``, as fedobj's strategy sets them;
 * the initial model is drawn after ``torch.manual_seed(seed)``, as fedobj draws it;
 * the centralised evaluation skips round 0 (fedobj does not evaluate the untrained
-  model), and logs one line per round that the benchmark parses.
+  model), and logs one line per round that the benchmarks parse (with the mean
+  and the slowest node's training seconds: deploy_rounds.py subtracts the
+  slowest from the round).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class ScheduledFedAvg(FedAvg):
             "replied": len(ok),
             "sampled": len(replies),
             "node_train_s": sum(secs) / len(secs) if secs else float("nan"),
+            "node_train_max_s": max(secs) if secs else float("nan"),
             "loss": _number(metrics, "train_loss") if metrics else float("nan"),
         }
         return arrays, metrics
@@ -104,7 +107,8 @@ def main(grid: Grid, context: Context) -> None:
         log(
             INFO,
             "plainfl: round %d/%d: %d/%d nodes replied, train loss %.4f, "
-            "central accuracy %.4f (loss %.4f), lr %.5f, node train %.2f s, %.1f s",
+            "central accuracy %.4f (loss %.4f), lr %.5f, node train %.2f s "
+            "(slowest %.2f s), %.1f s",
             server_round,
             num_rounds,
             t.get("replied", 0),
@@ -114,6 +118,7 @@ def main(grid: Grid, context: Context) -> None:
             loss,
             strategy.lr_at(server_round),
             t.get("node_train_s", float("nan")),
+            t.get("node_train_max_s", float("nan")),
             now - mark[0],
         )
         mark[0] = now

@@ -25,10 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
 from torchvision.transforms import Compose, Normalize, ToTensor
 
+from fedobj.data.categories import FASHION_MNIST_SLUGS
 from fedobj.data.fashion_mnist import load_fashion_mnist
 from fedobj.data.partition import dirichlet, train_eval_split
 from fedobj.model.factory import ModelArgs, build_model
@@ -112,6 +115,39 @@ def load_data(
     train_idx, eval_idx = mine[tr], mine[ev]
     trainset = ImageDataset(images[train_idx], labels[train_idx], pytorch_transforms)
     evalset = ImageDataset(images[eval_idx], labels[eval_idx], pytorch_transforms)
+    gen = torch.Generator().manual_seed(shuffle_seed)
+    trainloader = DataLoader(
+        trainset, batch_size=batch_size, shuffle=True, generator=gen
+    )
+    return trainloader, DataLoader(evalset, batch_size=batch_size)
+
+
+def load_folder_data(
+    data_dir: str, batch_size: int, shuffle_seed: int, eval_fraction: float, seed: int
+) -> tuple[DataLoader[tuple[torch.Tensor, int]], DataLoader[tuple[torch.Tensor, int]]]:
+    """A real device's loaders: torchvision's ``ImageFolder`` over ``data-dir``.
+
+    What a plain Flower app on a SuperNode does: decode the node's image folder
+    (``<dir>/<category-slug>/*.png``) in the ClientApp process, which Flower
+    starts afresh for every message, so every message decodes it again. Labels
+    follow Fashion-MNIST's order (the slugs of fedobj's catalog), so the
+    centralised test accuracy means what it means in fedobj; the held-out split
+    is fedobj's (``train_eval_split`` with ``seed`` over the sorted files).
+    """
+    folder = ImageFolder(data_dir)  # sorted classes, sorted files: fedobj's order
+    order = {slug: i for i, slug in enumerate(FASHION_MNIST_SLUGS)}
+    images = np.stack(
+        [
+            np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
+            for path, _ in folder.samples
+        ]
+    )
+    labels = np.array(
+        [order[folder.classes[c]] for _, c in folder.samples], dtype=np.int64
+    )
+    tr, ev = train_eval_split(len(labels), eval_fraction, seed)
+    trainset = ImageDataset(images[tr], labels[tr], pytorch_transforms)
+    evalset = ImageDataset(images[ev], labels[ev], pytorch_transforms)
     gen = torch.Generator().manual_seed(shuffle_seed)
     trainloader = DataLoader(
         trainset, batch_size=batch_size, shuffle=True, generator=gen
