@@ -230,4 +230,3 @@ class Link:
         return ArrayRecord(
             {k: Array(v) for k, v in held.layout.unflatten(flat).items()}
         )
-
