@@ -134,10 +134,20 @@ def train_fn(msg: Message, context: Context) -> Message:
         distill_classes=int(config.get(keys.DISTILL_CLASSES, 0)),
         distill_weight=cfg.growth.distill_weight,
     )
+    # evaluate-on-arrival: the received model scored before it trains (the
+    # round's federated evaluation, without a message of its own)
+    arrival = (
+        _arrival_metrics(model, eval_data, class_map)
+        if config.get(keys.EVALUATE_FIRST)
+        else {}
+    )
     if cfg.privacy.dp:
-        return _train_private(
+        reply = _train_private(
             msg, context, cfg.privacy, tcfg, model, train_data, class_map
         )
+        if not reply.has_error():
+            reply.content.metric_records[keys.METRICS].update(arrival)
+        return reply
     # the model as received is the teacher: the previous global model (LwF)
     teacher = copy.deepcopy(model) if tcfg.distill_classes > 0 else None
     if len(train_data.tensors) == 0:
@@ -147,6 +157,7 @@ def train_fn(msg: Message, context: Context) -> Message:
             {
                 keys.NUM_EXAMPLES: 0,
                 keys.IGNORED_EXAMPLES: sum(train_data.ignored.values()),
+                **arrival,
             }
         )
         content = RecordDict(
@@ -165,6 +176,7 @@ def train_fn(msg: Message, context: Context) -> Message:
             keys.TRAIN_ACCURACY: result.accuracy,
             keys.TRAIN_SECONDS: result.seconds,
             keys.IGNORED_EXAMPLES: sum(train_data.ignored.values()),
+            **arrival,
         }
     )
     if t.strategy == "perffedavg":  # it weighs nodes by their local accuracy;
@@ -181,6 +193,18 @@ def train_fn(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _arrival_metrics(
+    model: torch.nn.Module, eval_data: MappedData, class_map: ClassMap
+) -> dict[str, float]:
+    """The received model's held-out loss and accuracy, for the train reply."""
+    result = evaluate(model, eval_data.tensors, class_map.active_indices)
+    return {
+        keys.EVAL_EXAMPLES: result.num_examples,
+        keys.EVAL_LOSS: result.loss if result.num_examples else 0.0,
+        keys.EVAL_ACCURACY: result.accuracy,
+    }
 
 
 def device_id(node_config: Mapping[str, Any]) -> str | None:

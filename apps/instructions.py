@@ -37,6 +37,9 @@ class RoundInstructions:
         The run's ``central-dp`` mode (``"none"``: not sent).
     calibration
         Head calibration's settings; None when the server does not calibrate.
+    evaluate_first
+        Nodes score the model they receive before training and say so in the
+        train reply (``evaluate-on-arrival``): no evaluate exchange.
     """
 
     def __init__(
@@ -45,8 +48,10 @@ class RoundInstructions:
         lr_fn: Callable[[int], float],
         central_dp: str = "none",
         calibration: CalibrationSettings | None = None,
+        evaluate_first: bool = False,
     ) -> None:
         self.growth = growth
+        self.evaluate_first = evaluate_first
         self.lr_fn = lr_fn
         self.lr_phase_start = 1  # the round the schedule counts from
         self.central_dp = central_dp
@@ -63,6 +68,8 @@ class RoundInstructions:
         config[keys.DISTILL_CLASSES] = self.growth.distill_classes(server_round)
         if self.central_dp != "none":
             config[keys.CENTRAL_DP] = self.central_dp
+        if self.evaluate_first:
+            config[keys.EVALUATE_FIRST] = True
         return self.context(config)
 
     def evaluate(self, config: ConfigRecord) -> ConfigRecord:

@@ -320,6 +320,7 @@ def _run_with_catalog(
             cfg.training.seed,
             run_id,
         ),
+        evaluate_on_arrival=cfg.evaluation.evaluate_on_arrival,
         calibration=(
             CalibrationSettings() if growth.head_calibration != "none" else None
         ),

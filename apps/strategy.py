@@ -79,7 +79,9 @@ class CatalogStrategy(Strategy):
     :class:`RoundFinisher` (``evaluate_fn``, ``on_round``) and
     :func:`apps.exchange.dispatch_plan` (``dispatch_stagger``) and
     :class:`apps.link.Link` (``link``: compressed updates, int8 downlink). With
-    fewer than ``min_replies`` valid replies a round leaves the model unchanged.
+    ``evaluate_on_arrival`` the nodes score the model they receive inside the
+    train exchange, and there is no evaluate exchange. With fewer than
+    ``min_replies`` valid replies a round leaves the model unchanged.
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class CatalogStrategy(Strategy):
         calibration: CalibrationSettings | None = None,
         dispatch_stagger: float = 0.0,
         link: Link | None = None,
+        evaluate_on_arrival: bool = False,
     ) -> None:
         self.versions = VersionKeeper(catalog, store, run_id, promote, provenance)
         self.inner, self.streams = inner, streams(inner)
@@ -109,7 +112,7 @@ class CatalogStrategy(Strategy):
         self.base: Strategy = getattr(inner, "strategy", inner)
         self.growth = HeadGrowth(model_args, seed, distill_rounds)
         self.instructions = RoundInstructions(
-            self.growth, lr_fn, central_dp, calibration
+            self.growth, lr_fn, central_dp, calibration, evaluate_on_arrival
         )
         self.calibrator = HeadCalibrator(calibration, seed) if calibration else None
         self.book = RoundBook(catalog, run_id)
@@ -304,6 +307,9 @@ class CatalogStrategy(Strategy):
         """Federated evaluation of the round's model; returns it calibrated on the
         nodes' feature statistics when calibration is on."""
         server_round = report.server_round
+        if self.instructions.evaluate_first:
+            self.book.evaluated(report, arrival_outcomes(report.train))
+            return arrays
         messages = list(
             self.configure_evaluate(server_round, arrays, run.evaluate_config, run.grid)
         )
@@ -323,6 +329,23 @@ class CatalogStrategy(Strategy):
             active = self.class_map.active_indices
             arrays = calibrator.calibrate(server_round, arrays, stats, heads, active)
         return arrays
+
+
+def arrival_outcomes(train: list[NodeResult]) -> list[NodeResult]:
+    """The federated evaluation that came in the train replies
+    (``evaluate-on-arrival``): each node's score of the model it received, as
+    an evaluate outcome (its held-out count as the example count)."""
+    out = []
+    for o in train:
+        if o.failure is not None or keys.EVAL_EXAMPLES not in o.metrics:
+            continue
+        metrics = {
+            keys.NUM_EXAMPLES: o.metrics[keys.EVAL_EXAMPLES],
+            keys.EVAL_LOSS: o.metrics.get(keys.EVAL_LOSS, 0.0),
+            keys.EVAL_ACCURACY: o.metrics.get(keys.EVAL_ACCURACY, 0.0),
+        }
+        out.append(NodeResult(o.node_id, metrics))
+    return out
 
 
 def _message_sizes(messages: list[Message]) -> dict[int, int]:

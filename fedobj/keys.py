@@ -19,6 +19,7 @@ DISTILL_CLASSES = "distill-classes"  # > 0 after growth: distil the first k clas
 SECAGG_ARRAY_NAMES = "secagg-array-names"  # json list: names of the legacy arrays
 CENTRAL_DP = "central-dp"  # the central-DP mode; its replies weigh 1 each
 FEATURE_STATS = "feature-stats"  # true: send per-class feature statistics (CCVR)
+EVALUATE_FIRST = "evaluate-first"  # true: score the received model before training
 # dp=true: whose ledgers simulated devices spend (the run, or the run it resumes);
 # with the edge link, also whose residuals and held models they keep
 DP_LEDGER_SCOPE = "dp-ledger-scope"
@@ -39,6 +40,7 @@ TRAIN_ACCURACY = "train-accuracy"
 TRAIN_SECONDS = "train-seconds"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
+EVAL_EXAMPLES = "eval-examples"  # a train reply's evaluation (evaluate-first)
 LOCAL_ACCURACY = "local-accuracy"  # held-out accuracy of the locally trained model
 IGNORED_EXAMPLES = "ignored-examples"
 SECAGG_CLIPPED = "secagg-clipped"  # values outside secagg-clipping-range

@@ -246,6 +246,12 @@ class RunConfig:
                 "must be 1.0 with head-calibration (statistics from every node)",
             )
             need(
+                not self.evaluation.evaluate_on_arrival,
+                "evaluate-on-arrival",
+                "cannot be true with head-calibration (the calibration needs the "
+                "evaluate exchange's feature statistics of the round's model)",
+            )
+            need(
                 not self.privacy.private_updates and not self.secagg.secagg,
                 "head-calibration",
                 "cannot be used with dp, central-dp or secagg (nodes send "

@@ -187,6 +187,12 @@ class EvaluationConfig(Section):
     fraction_evaluate: float = option(
         0.5, "share of the connected nodes sampled to evaluate each round", "(0, 1]"
     )
+    evaluate_on_arrival: bool = option(
+        False,
+        "nodes score the model they receive before training, in the train "
+        "message: one message a round, not two (a SuperNode starts a process for "
+        "each); a round's federated figures are then its starting model's",
+    )
     eval_fraction: float = option(
         0.1, "share of each node's images held out for its evaluation", "[0, 1)"
     )

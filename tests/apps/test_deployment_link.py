@@ -1,6 +1,8 @@
 """The edge link on real SuperNodes: a SuperLink and two `flower-supernode`
 processes on 127.0.0.1, each over its own image folder and with its own
-`device-id`, train with top-k updates (error feedback) and int8 downlink deltas.
+`device-id`, train with top-k updates (error feedback) and int8 downlink deltas,
+and score the model they receive inside the train message (evaluate-on-arrival:
+one message per node and round).
 
 Each ClientApp is a fresh process per message, so everything the link keeps
 between rounds must be on the device's disk: the residual and the held model,
@@ -65,7 +67,8 @@ def test_supernodes_train_with_compressed_updates_and_deltas(tmp_path: Path) -> 
         run = deploy_run(
             env,
             "num-server-rounds=3 min-nodes=2 fraction-evaluate=1.0 local-epochs=2 "
-            'update-compression="topk" topk-fraction=0.1 downlink-compression="int8"',
+            'update-compression="topk" topk-fraction=0.1 downlink-compression="int8" '
+            "evaluate-on-arrival=true",
         )
         log = run.stdout + run.stderr
         assert run.returncode == 0, log[-4000:]
@@ -84,6 +87,11 @@ def test_supernodes_train_with_compressed_updates_and_deltas(tmp_path: Path) -> 
     later = max(r["down_bytes"] for r in train if r["round"] > 1)  # int8 deltas
     assert first / later > 3.5, (first, later)
     assert first / max(r["up_bytes"] for r in train) > 15  # top-k 10%
+    scored = [r for r in rows if r["kind"] == "node-evaluate"]
+    assert len(scored) == 6 and all(r["num_examples"] for r in scored)
     rounds = [r for r in rows if r["kind"] == "round"]
+    # each round's federated figure is its starting model's: round 1 scores the
+    # untrained model, round 3 the model two rounds trained
+    assert rounds[0]["accuracy"] < rounds[2]["accuracy"], rounds
     assert rounds[-1]["nodes_replied"] == 2 and rounds[-1]["nodes_failed"] == 0
     assert rounds[-1]["central_accuracy"] > 0.3, rounds  # chance is 0.10
