@@ -388,6 +388,12 @@ def main() -> int:
         default=None,
         help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL for the SuperNodes (Flower: 1.0 s)",
     )
+    ap.add_argument(
+        "--ours-extra",
+        default="evaluate-on-arrival=true",
+        help="fedobj's own run config on top of the shared one (default: its "
+        'deployment setting; "" for a separate evaluate message per round)',
+    )
     ap.add_argument("--log-dir", type=Path, default=None, help="keep every log")
     args = ap.parse_args()
     order = [s.strip() for s in args.order.split(",") if s.strip()]
@@ -412,7 +418,10 @@ def bench(args: argparse.Namespace, order: list[str]) -> dict[str, Any]:
         "momentum=0.9 weight-decay=0.0005 eval-fraction=0.1 seed=42 client-threads=1"
     )
     configs = {
-        "ours": (ROOT, f'{shared} strategy="fedavg" model="cnn" norm="group"'),
+        "ours": (
+            ROOT,
+            f'{shared} strategy="fedavg" model="cnn" norm="group" {args.ours_extra}',
+        ),
         "plain": (PLAIN_DIR, shared),
     }
     with tempfile.TemporaryDirectory(prefix="fedobj-deploy-rounds-") as name:

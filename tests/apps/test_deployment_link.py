@@ -16,56 +16,22 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.apps.test_deployment import (
-    BIN,
-    _env,
-    _start,
-    _stop_all,
-    deploy_run,
-    start_superlink,
-    wait_healthy,
-)
-from tests.conftest import free_port, write_image_folder
+from tests.apps.test_deployment import deploy_run
+from tests.apps.test_faults import federation
+from tests.conftest import write_image_folder
 
 pytestmark = pytest.mark.deployment
 
 
 def test_supernodes_train_with_compressed_updates_and_deltas(tmp_path: Path) -> None:
-    home, outputs = tmp_path / "flwr", tmp_path / "outputs"
-    home.mkdir()
-    env = _env(home, outputs)
-    port, control = free_port(), free_port()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "deploy"\n\n'
-        f'[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    procs = [start_superlink(home, port, control, env, tmp_path / "superlink.log")]
-    try:
-        wait_healthy(port, tmp_path / "superlink.log")
+    with federation(tmp_path) as fed:
         for i in range(2):
             root = write_image_folder(
                 tmp_path / f"device{i}", per_class=40, offset=40 * i
             )
-            cache = tmp_path / f"cache{i}"
-            node_config = f"data-dir='{root}' cache-dir='{cache}' device-id='board-{i}'"
-            procs.append(
-                _start(
-                    [
-                        str(BIN / "flower-supernode"),
-                        "--insecure",
-                        "--superlink",
-                        f"127.0.0.1:{port}",
-                        "--port",
-                        str(free_port()),
-                        "--node-config",
-                        node_config,
-                    ],
-                    env,
-                    tmp_path / f"supernode{i}.log",
-                )
-            )
+            fed.add_supernode(root, device_id=f"board-{i}")
         run = deploy_run(
-            env,
+            fed.env,
             "num-server-rounds=3 min-nodes=2 fraction-evaluate=1.0 local-epochs=2 "
             'update-compression="topk" topk-fraction=0.1 downlink-compression="int8" '
             "evaluate-on-arrival=true",
@@ -73,9 +39,7 @@ def test_supernodes_train_with_compressed_updates_and_deltas(tmp_path: Path) -> 
         log = run.stdout + run.stderr
         assert run.returncode == 0, log[-4000:]
         assert "round 3/3: 2/2 nodes replied" in log, log[-4000:]
-    finally:
-        left = _stop_all(procs)
-    assert not left, f"processes left running: {left}"
+    outputs = fed.outputs
     for i in range(2):  # a real device's state: its id, no run scope
         state = tmp_path / f"cache{i}" / "link"
         assert (state / f"board-{i}.residual.npz").is_file()

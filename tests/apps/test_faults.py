@@ -93,9 +93,14 @@ class Federation:
     def supernodes(self) -> list[subprocess.Popen[bytes]]:
         return self.procs[1:]
 
-    def add_supernode(self, data_dir: Path) -> subprocess.Popen[bytes]:
+    def add_supernode(
+        self, data_dir: Path, device_id: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A SuperNode over ``data_dir``, caching in ``cache<i>``."""
         i = len(self.supernodes)
         node_config = f"data-dir='{data_dir}' cache-dir='{self.tmp / f'cache{i}'}'"
+        if device_id is not None:
+            node_config += f" device-id='{device_id}'"
         proc = _start(
             [
                 str(BIN / "flower-supernode"),
