@@ -43,6 +43,7 @@ from fedobj.privacy import (
     ACCOUNTANT,
     PrivacyLedger,
     PrivacyLedgerError,
+    device_id,
     device_ledger_scope,
 )
 from fedobj.train import (
@@ -205,21 +206,6 @@ def _arrival_metrics(
         keys.EVAL_LOSS: result.loss if result.num_examples else 0.0,
         keys.EVAL_ACCURACY: result.accuracy,
     }
-
-
-def device_id(node_config: Mapping[str, Any]) -> str | None:
-    """A stable identity for the device's DP ledger.
-
-    ``device-id`` from the node config; in simulation the partition id (the
-    same virtual device in every run, whose ledger is kept per run:
-    ``fedobj.privacy.device_ledger_scope``). Flower's node id changes on
-    restart, so it never keys a privacy budget.
-    """
-    if node_config.get(keys.NODE_DEVICE_ID):
-        return str(node_config[keys.NODE_DEVICE_ID])
-    if keys.NODE_PARTITION_ID in node_config:
-        return f"sim-{int(node_config[keys.NODE_PARTITION_ID])}"
-    return None
 
 
 def train_seed(

@@ -49,7 +49,7 @@ from fedobj.compression.device_state import (
     save_residual,
 )
 from fedobj.compression.quantize import seeded_rng
-from fedobj.privacy import device_ledger_scope
+from fedobj.privacy import device_id, device_ledger_scope
 
 log = logging.getLogger("fedobj.link")
 
@@ -59,15 +59,6 @@ CLIPPING_NORM = "clipping_norm"
 
 class LinkError(ValueError):
     """The device cannot take a message as the link sent it: says why."""
-
-
-def node_identity(node_config: Any) -> str | None:
-    """The device id its link state is kept under (as for the DP ledger)."""
-    if node_config.get(keys.NODE_DEVICE_ID):
-        return str(node_config[keys.NODE_DEVICE_ID])
-    if keys.NODE_PARTITION_ID in node_config:
-        return f"sim-{int(node_config[keys.NODE_PARTITION_ID])}"
-    return None
 
 
 def _cache_dir(node_config: Any) -> str:
@@ -99,7 +90,7 @@ def link_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Messa
     if codec == "none" and downlink == "none":
         return call_next(msg, ctxt)
     model_id = str(config.get(keys.LINK_MODEL, ""))
-    device = node_identity(ctxt.node_config)
+    device = device_id(ctxt.node_config)
     scope = device_ledger_scope(
         ctxt.node_config, config.get(keys.DP_LEDGER_SCOPE), ctxt.run_id
     )

@@ -139,6 +139,22 @@ class PrivacyLedger:
         os.replace(tmp, self.path)
 
 
+def device_id(node_config: Mapping[str, Any]) -> str | None:
+    """A stable identity for the device's DP ledger.
+
+    ``device-id`` from the node config; in simulation the partition id (the
+    same virtual device in every run, whose ledger is kept per run:
+    ``fedobj.privacy.device_ledger_scope``). Flower's node id changes on
+    restart, so it never keys a privacy budget (nor the edge link's residual
+    and held model: ``fedobj.compression.device_state``).
+    """
+    if node_config.get(keys.NODE_DEVICE_ID):
+        return str(node_config[keys.NODE_DEVICE_ID])
+    if keys.NODE_PARTITION_ID in node_config:
+        return f"sim-{int(node_config[keys.NODE_PARTITION_ID])}"
+    return None
+
+
 def device_ledger_scope(
     node_config: Mapping[str, Any], sent: object, run_id: int
 ) -> str | None:
