@@ -31,7 +31,7 @@ within 1 point; compressed reaches the target sooner over the link).
 
     .venv/bin/python simulations/bench/compression.py                 # cnn, 20 rounds
     .venv/bin/python simulations/bench/compression.py --model mobilenet_v3_small \\
-        --rounds 6 --modes none int8 topk10
+        --rounds 6 --modes none int8 topk10 --extra 'batch-size=64 lr=0.05'
     .venv/bin/python simulations/bench/compression.py --rounds 2 --modes none int8
 
 Needs the full dataset (Debian package dataset-fashion-mnist). About 7 minutes
@@ -177,7 +177,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path) -> list[dict[str, 
         f"num-server-rounds={args.rounds} min-nodes={args.nodes} "
         f'model="{args.model}" image-size={args.image_size} '
         f'partitioner="dirichlet" dirichlet-alpha=0.5 fraction-evaluate=0.1 '
-        f"lr-schedule-rounds={args.rounds} {MODES[mode]}"
+        f"lr-schedule-rounds={args.rounds} {args.extra} {MODES[mode]}"
     )
     link.start()
     try:
@@ -246,6 +246,12 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.90)
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per mode")
     ap.add_argument("--skip-codec", action="store_true")
+    ap.add_argument(
+        "--extra",
+        default="",
+        help="run config for every mode (conf/mobilenet-small.toml's: "
+        "'batch-size=64 lr=0.05')",
+    )
     args = ap.parse_args()
     if "none" not in args.modes:
         raise SystemExit("compression bench: --modes must include the baseline none")
