@@ -87,7 +87,8 @@ def link_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Messa
         return call_next(msg, ctxt)
     codec = str(config.get(keys.UPDATE_COMPRESSION, "none"))
     downlink = str(config.get(keys.DOWNLINK_COMPRESSION, "none"))
-    if codec == "none" and downlink == "none":
+    compress = kind == MessageType.TRAIN and codec != "none"
+    if not compress and downlink == "none":
         return call_next(msg, ctxt)
     model_id = str(config.get(keys.LINK_MODEL, ""))
     device = device_id(ctxt.node_config)
@@ -95,7 +96,7 @@ def link_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Messa
         ctxt.node_config, config.get(keys.DP_LEDGER_SCOPE), ctxt.run_id
     )
     cache = _cache_dir(ctxt.node_config)
-    stateful = downlink != "none" or (codec == "topk" and kind == MessageType.TRAIN)
+    stateful = downlink != "none" or (compress and codec == "topk")
     if stateful and device is None:
         return _error(
             msg,
@@ -116,14 +117,15 @@ def link_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Messa
     except (LinkError, CodecError, RecordError, DeviceStateError, KeyError) as exc:
         return _error(msg, f"downlink model unusable: {exc}")
     layout = Layout.of(received)
-    flat_in = layout.flatten(received)
+    flat_in = layout.flatten(received) if compress else None
+    del received
     reply = call_next(msg, ctxt)
     if reply.has_error():
         return reply
     link = ConfigRecord()
     if downlink != "none":
         link["held"] = model_id
-    if kind == MessageType.TRAIN and codec != "none" and _has_update(reply):
+    if flat_in is not None and _has_update(reply):
         try:
             arrays = _compress(
                 reply, config, codec, layout, flat_in, device, scope, cache
