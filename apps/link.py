@@ -5,13 +5,19 @@ Every model the server sends gets an id (``keys.LINK_MODEL``); a train reply
 compressed by a node names the id it is an update from, and the layout digest
 of that model, and is refused unless both are what this round sent that node
 (an update from another round's model, or from a model of another class map,
-would be folded against the wrong base). With ``downlink-compression=int8`` the
-server remembers which model each node holds (its last reply says) and sends
-the next one as an int8 delta against it: all nodes holding the same model get
-the same delta, and the server computes exactly what they will hold (the same
-float32 operations), so the next delta is taken from there and the quantisation
-error never accumulates. A node holding nothing known, or a model of another
-layout, gets the full model. The last :data:`KEPT_MODELS` models are kept.
+would be folded against the wrong base).
+
+With ``downlink-compression=int8`` the server *publishes* one chain of models:
+each new model to send becomes the last published one plus an int8 delta
+towards it, computed with the same float32 operations a node uses to apply it,
+so the server knows exactly what every node holds, and the next delta starts
+from there (the quantisation error never accumulates). A node's last reply says
+which published model it holds; it is sent the deltas after that one (one, when
+it took part in the last exchange; none, when the model did not change between
+evaluation and training), or the whole published model when it holds none, one
+too old for the chain, or one of another layout (after a head growth). One
+chain, not one per group of nodes: groups that land apart would never meet
+again, and a delta per group would grow without end.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ from fedobj.compression import CodecError, Layout, Update, dequantize, quantize
 from fedobj.compression.codec import read_update
 from fedobj.compression.quantize import seeded_rng
 
-KEPT_MODELS = 4
-"""Models the server keeps to send deltas against (each is the model's size)."""
+MAX_DELTAS = 3
+"""Deltas kept on the chain: a node that missed up to this many published
+models gets them all (each is a quarter of the model), else the whole model."""
 
 
 @dataclass(frozen=True)
@@ -61,9 +68,15 @@ class Link:
             downlink,
             seed,
         )
+        # the model this exchange's replies are updates from, by id
         self.models: dict[str, HeldModel] = {}
         self.held: dict[int, str] = {}  # node id -> the model id it holds
         self.sent: dict[int, str] = {}  # node id -> model id sent in this exchange
+        # int8 downlink: the published models' ids, oldest first, and the
+        # int8 delta that leads to each from the one before
+        self.chain: list[str] = []
+        self.deltas: dict[str, dict[str, np.ndarray]] = {}
+        self._target: np.ndarray | None = None
         self._serial = 0
         self.run = run
 
@@ -81,67 +94,102 @@ class Link:
     def outgoing(
         self, messages: Iterable[Message], arrays: ArrayRecord, label: str
     ) -> list[Message]:
-        """``messages`` as they go out: each names the model it carries, and
-        with an int8 downlink a node holding a known model gets a delta."""
+        """``messages`` as they go out: each names the model it carries (the
+        base of a compressed reply); with an int8 downlink each node gets what
+        takes it from the model it holds to the one published now."""
         messages = list(messages)
         if not self.active or not messages:
             return messages
         views = {k: array_view(v) for k, v in arrays.items()}
         layout = Layout.of(views)
-        model_id = self._new_id(label)
-        self.models[model_id] = HeldModel(layout, layout.flatten(views))
+        target = layout.flatten(views)
+        if self.downlink == "none":
+            current = self._new_id(label)
+            self.models = {current: HeldModel(layout, target)}
+        else:
+            current = self._publish(layout, target, label)
         self.sent.clear()
-        groups: dict[str | None, tuple[RecordDict, str]] = {}
+        groups: dict[str | None, RecordDict] = {}
         out: list[Message] = []
         for message in messages:
             node = message.metadata.dst_node_id
-            base = self.held.get(node) if self.downlink == "int8" else None
-            held = self.models.get(base) if base is not None else None
-            if held is None or held.layout != layout:
-                base = None
+            base = self._base_for(node)
             if base not in groups:
-                groups[base] = self._content(message.content, base, model_id)
-            content, sent_id = groups[base]
-            self.sent[node] = sent_id
+                groups[base] = self._content(message.content, base, current)
+            self.sent[node] = current
             out.append(
                 Message(
-                    content=content,
+                    content=groups[base],
                     dst_node_id=node,
                     message_type=message.metadata.message_type,
                 )
             )
-        self._prune()
         return out
 
+    def _publish(self, layout: Layout, target: np.ndarray, label: str) -> str:
+        """Move the published model towards ``target``: one int8 delta from
+        the last published one (a new chain when the layout changed; nothing
+        when the target is the last one, as when the evaluated model trains
+        next). Returns the published model's id."""
+        published = self.models.get(self.chain[-1]) if self.chain else None
+        if published is None or published.layout != layout:
+            model_id = self._new_id(label)
+            self.models = {model_id: HeldModel(layout, target)}
+            self.chain, self.deltas = [model_id], {}
+        elif self._target is None or not np.array_equal(target, self._target):
+            model_id = self._new_id(label)
+            rng = seeded_rng(self.seed, model_id)
+            starts = layout.chunk_starts
+            q, scales = quantize(target - published.flat, starts, rng)
+            landed = published.flat + dequantize(q, scales, starts)
+            landed = layout.flatten(layout.unflatten(landed))  # as nodes land
+            self.models = {model_id: HeldModel(layout, landed)}
+            self.deltas[model_id] = {"q": q, "scale": scales}
+            self.chain.append(model_id)
+            for old in self.chain[: -MAX_DELTAS - 1]:
+                self.deltas.pop(old, None)
+            self.chain = self.chain[-MAX_DELTAS - 1 :]
+        self._target = target
+        return self.chain[-1]
+
+    def _base_for(self, node: int) -> str | None:
+        """The published model ``node`` holds, if the chain still reaches it
+        (None: it gets the whole model)."""
+        held = self.held.get(node) if self.downlink != "none" else None
+        return held if held in self.chain else None
+
     def _content(
-        self, content: RecordDict, base: str | None, model_id: str
-    ) -> tuple[RecordDict, str]:
-        """A message's content for nodes holding ``base`` (None: the full
-        model) and the id of the model they will hold."""
+        self, content: RecordDict, base: str | None, current: str
+    ) -> RecordDict:
+        """A message's content for nodes holding ``base`` (None: the whole
+        model): the deltas after it on the chain, in order (none for a node
+        already holding the current model)."""
         config = ConfigRecord(dict(content.config_records[keys.CONFIG]))
         config[keys.UPDATE_COMPRESSION] = self.codec
         config[keys.DOWNLINK_COMPRESSION] = self.downlink
         if self.codec == "topk":
             config[keys.TOPK_FRACTION] = self.fraction
+        config[keys.LINK_MODEL] = current
         records = dict(content.items())
         records[keys.CONFIG] = config
-        if base is None:
-            config[keys.LINK_MODEL] = model_id
-            return RecordDict(records), model_id
-        target, held = self.models[model_id], self.models[base]
-        rng = seeded_rng(self.seed, model_id, base)
-        q, scales = quantize(target.flat - held.flat, held.layout.chunk_starts, rng)
-        layout = held.layout
-        landed = layout.flatten(
-            layout.unflatten(held.flat + dequantize(q, scales, layout.chunk_starts))
-        )
-        landed_id = f"{model_id}<{base}"
-        self.models[landed_id] = HeldModel(layout, landed)
-        del records[keys.ARRAYS]
-        records[keys.DOWNLINK] = pack({"q": q, "scale": scales})
-        config[keys.DOWNLINK_BASE] = base
-        config[keys.LINK_MODEL] = landed_id
-        return RecordDict(records), landed_id
+        if self.downlink != "none":
+            published = self.models[current]
+            if base is None:  # the published model, which may differ from arrays
+                whole = published.layout.unflatten(published.flat)
+                records[keys.ARRAYS] = ArrayRecord(
+                    {k: Array(v) for k, v in whole.items()}
+                )
+            else:
+                steps = self.chain[self.chain.index(base) + 1 :]
+                arrays = {
+                    f"{name}{i}": values
+                    for i, step in enumerate(steps)
+                    for name, values in self.deltas[step].items()
+                }
+                del records[keys.ARRAYS]
+                records[keys.DOWNLINK] = pack(arrays)
+                config[keys.DOWNLINK_BASE] = base
+        return RecordDict(records)
 
     def _new_id(self, label: str) -> str:
         self._serial += 1
@@ -150,16 +198,6 @@ class Link:
             if self.run
             else f"{label}.{self._serial}"
         )
-
-    def _prune(self) -> None:
-        """Keep the models sent in this exchange and the newest others some
-        node holds (at most :data:`KEPT_MODELS`)."""
-        sent = set(self.sent.values())
-        held = set(self.held.values())
-        others = [m for m in self.models if m in held and m not in sent]
-        keep = sent | set(others[-KEPT_MODELS:])
-        self.models = {m: h for m, h in self.models.items() if m in keep}
-        self.held = {n: m for n, m in self.held.items() if m in self.models}
 
     # ------------------------------------------------------------ replies
 

@@ -155,18 +155,25 @@ def _has_update(reply: Message) -> bool:
 def _apply_downlink(
     msg: Message, config: ConfigRecord, cache: str, device: str, scope: str | None
 ) -> dict[str, np.ndarray]:
-    """The full model from the held one and the int8 delta the message carries."""
+    """The published model: the held one plus the int8 deltas the message
+    carries, applied in order as the server applied them (``apps.link``)."""
     base = str(config.get(keys.DOWNLINK_BASE, ""))
     held = load_held(cache, device, scope)
     if held is None or held[0] != base:
         have = held[0] if held is not None else "no model"
         raise LinkError(
-            f"the server sent a delta against model {base!r}, this device holds {have}"
+            f"the server sent deltas from model {base!r}, this device holds {have}"
         )
     layout = Layout.of(held[1])
     record = msg.content.array_records[keys.DOWNLINK]
-    update = read_update(unpack(record, layout.size * 5 + 1024), "int8", layout)
-    return layout.unflatten(layout.flatten(held[1]) + update.dense(layout))
+    arrays = unpack(record, (layout.size * 5 + 1024) * max(1, len(record) // 2))
+    flat = layout.flatten(held[1])
+    for i in range(len(arrays) // 2):
+        step = {"q": arrays[f"q{i}"], "scale": arrays[f"scale{i}"]}
+        flat = layout.flatten(
+            layout.unflatten(flat + read_update(step, "int8", layout).dense(layout))
+        )
+    return layout.unflatten(flat)
 
 
 def _compress(

@@ -378,3 +378,58 @@ def test_perffedavg_weights_compressed_replies_like_dense_ones(tmp_path) -> None
     for k in MODEL:
         np.testing.assert_allclose(compressed[k], dense[k], atol=2e-4)
     assert not np.allclose(dense["head.bias"], _expected([1, 2, 3]))  # not FedAvg
+
+
+def _evaluate(link: Link, arrays: ArrayRecord, nodes: list[int], cache: Path) -> None:
+    set_task_identity()
+    plain = _server_messages(nodes, arrays)
+    messages = [
+        Message(
+            content=m.content,
+            dst_node_id=m.metadata.dst_node_id,
+            message_type=MessageType.EVALUATE,
+        )
+        for m in plain
+    ]
+    for m in link.outgoing(messages, arrays, "e"):
+        reply = _deliver(m, cache)
+        link.note(reply)
+
+
+def test_the_downlink_is_one_chain_whoever_evaluated_or_sat_out(tmp_path) -> None:
+    """Nodes that evaluated, or missed a round, stay on the one published chain:
+    never more than the deltas they missed, never the whole model again."""
+    link = Link("none", 0.1, "int8")
+    arrays = _arrays(MODEL)
+    nodes = [1, 2, 3, 4]
+    whole = message_bytes(RecordDict({keys.ARRAYS: arrays}))
+    sizes: dict[int, list[int]] = {n: [] for n in nodes}
+    for r in range(1, 6):
+        sampled = nodes if r != 3 else [1, 2]  # 3 and 4 sit round 3 out
+        messages = link.outgoing(_server_messages(sampled, arrays), arrays, f"r{r}t")
+        for m in messages:
+            sizes[m.metadata.dst_node_id].append(message_bytes(m.content))
+        folder = ReplyFolder(arrays, link=link)
+        for m in messages:
+            folder(_deliver(m, tmp_path))
+        arrays, _ = folder.aggregate()
+        _evaluate(link, arrays, [1 + r % 4], tmp_path)  # one node evaluates
+        assert len(set(link.held.values())) <= 2  # never more than two steps apart
+    for node in nodes:
+        first, *later = sizes[node]
+        assert first > whole  # round 1: the whole model
+        # later: a delta or two (3 and 4 missed one), never the whole model
+        assert all(whole / s > 1.7 for s in later), (node, sizes[node])
+    one_delta = min(s for node in nodes for s in sizes[node][1:])
+    assert whole / one_delta > 3.5
+
+
+def test_a_node_past_the_chain_gets_the_whole_model(tmp_path) -> None:
+    link = Link("none", 0.1, "int8")
+    arrays = _arrays(MODEL)
+    messages, _, _, arrays = _round(link, arrays, [1, 2], tmp_path, "r1t")
+    for r in range(2, 7):  # node 2 sits out rounds 2-6: more than MAX_DELTAS
+        messages, _, _, arrays = _round(link, arrays, [1], tmp_path, f"r{r}t")
+    messages = link.outgoing(_server_messages([1, 2], arrays), arrays, "r7t")
+    kinds = {m.metadata.dst_node_id: list(m.content.array_records) for m in messages}
+    assert kinds == {1: [keys.DOWNLINK], 2: [keys.ARRAYS]}
