@@ -19,7 +19,7 @@ class LinkConfig(Section):
 
     update_compression: str = option(
         "none",
-        "train replies as the update, int8 with a scale per 256 values (4.6x "
+        "train replies as the update, int8 with a scale per 256 values (4.3x "
         "fewer bytes), or its largest share (top-k) with error feedback",
         "none | int8 | topk",
     )
