@@ -33,7 +33,6 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
@@ -56,7 +55,7 @@ from apps.replies import (
 )
 from fedobj import keys
 from fedobj.aggregation import StreamingMean, array_view, validate_update
-from fedobj.compression import CompressedMean, Layout
+from fedobj.compression import CompressedMean, Layout, Update
 
 __all__ = [  # what a reply says lives in apps/replies.py; importable here too
     "ACC_FLOOR",
@@ -262,7 +261,7 @@ class ReplyFolder:
         self._by_n: StreamingMean | CompressedMean | None = None
         self._by_acc: StreamingMean | CompressedMean | None = None
         self._no_acc: StreamingMean | CompressedMean | None = None
-        self._compressed: tuple[Any, str] = (None, "")  # the update just read
+        self._compressed: Update | None = None  # the compressed update just read
         self._reported = 0  # replies that reported an accuracy, zeros included
         # per folded reply (tag: its place in outcomes, from 1): n and metrics,
         # to take them back out if its values turn out not to be finite
@@ -331,7 +330,7 @@ class ReplyFolder:
         except ValueError as exc:
             return f"compressed update refused: {exc}"
         if self.stream:
-            self._compressed = (update, base)
+            self._compressed = update
             self._add("_by_n", None, n, len(self.outcomes))
         else:
             msg.content[keys.ARRAYS] = self.link.dense(update, base)
@@ -345,8 +344,8 @@ class ReplyFolder:
         compressed update just read."""
         mean = self._mean(name)
         if isinstance(mean, CompressedMean):
-            update, base = self._compressed
-            mean.add(update, weight, base)
+            assert self._compressed is not None
+            mean.add(self._compressed, weight)
         else:
             assert record is not None
             mean.add_record(record, weight, tag)
@@ -390,8 +389,7 @@ class ReplyFolder:
         mean: StreamingMean | CompressedMean | None = getattr(self, name)
         if mean is None:
             if self.link is not None and self.link.compresses:
-                bases = self.link.bases()
-                mean = CompressedMean(Layout.of(self.reference), bases)
+                mean = CompressedMean(Layout.of(self.reference), self.link.base())
             else:
                 mean = StreamingMean(self.reference)
             setattr(self, name, mean)

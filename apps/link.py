@@ -22,7 +22,7 @@ again, and a delta per group would grow without end.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -256,9 +256,11 @@ class Link:
             raise CodecError(str(exc)) from None
         return read_update(arrays, codec, expected), base
 
-    def bases(self) -> Mapping[str, np.ndarray]:
-        """Every kept model's flat values, by id (what an update is added to)."""
-        return {m: h.flat for m, h in self.models.items()}
+    def base(self) -> np.ndarray:
+        """The flat values of the model this exchange sent (every compressed
+        reply ``read`` accepts is an update from it)."""
+        (held,) = self.models.values()
+        return held.flat
 
     def dense(self, update: Update, base: str) -> ArrayRecord:
         """The model a compressed reply stands for, whole (for strategies that

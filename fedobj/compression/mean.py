@@ -1,11 +1,11 @@
 """The weighted mean of models that arrive as compressed deltas.
 
-A compressed reply is ``base + update``: the model the node trained from (the
-round's broadcast model, or with an int8 downlink the model that node holds) and
-its quantised or sparse update. The mean of the models is then the weighted mean
-of the bases plus the weighted mean of the updates; the updates are folded into
-one float64 sum as they arrive (:meth:`fedobj.compression.codec.Update.fold_into`,
-a span of chunks at a time), so the server never holds a float32 copy of a reply.
+A compressed reply is ``base + update``: the model the round sent (every node
+trains from the same one; with an int8 downlink, the published model) and the
+node's quantised or sparse update. The mean of the models is then the base plus
+the weighted mean of the updates; the updates are folded into one float64 sum as
+they arrive (:meth:`fedobj.compression.codec.Update.fold_into`, a span of chunks
+at a time), so the server never holds a float32 copy of a reply.
 
 Replies are held in small groups and each group is folded in a canonical order
 (by weight, then by the payload's leading bytes), as the dense streaming mean
@@ -15,7 +15,6 @@ does: float addition is not associative, and arrival order is a race.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -28,36 +27,30 @@ GROUP_BYTES = 64 * 2**20
 
 
 class CompressedMean:
-    """Weighted mean of ``base + update`` over compressed replies.
-
-    ``bases`` maps a base model's id to its flat float32 vector in ``layout``
-    (usually one: the round's broadcast model).
-    """
+    """Weighted mean of ``base + update`` over compressed replies; ``base`` is
+    the round's model as a flat float32 vector in ``layout``."""
 
     def __init__(
         self,
         layout: Layout,
-        bases: Mapping[str, np.ndarray],
+        base: np.ndarray,
         group_bytes: int = GROUP_BYTES,
     ) -> None:
         self.layout = layout
-        self.bases = bases
+        self.base = base
         self.sums = np.zeros(layout.size, np.float64)
-        self.base_weights: dict[str, float] = {}
         self.total_weight = 0.0
         self.count = 0
         self.group_bytes = group_bytes
-        self._pending: list[tuple[Update, float, str]] = []
+        self._pending: list[tuple[Update, float]] = []
         self._pending_bytes = 0
 
-    def add(self, update: Update, weight: float, base: str) -> None:
-        """Fold ``update`` (validated by ``read_update`` against this layout),
-        trained from the base ``base``, with ``weight``."""
+    def add(self, update: Update, weight: float) -> None:
+        """Fold ``update`` (validated by ``read_update`` against this layout)
+        with ``weight``."""
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"weight must be a finite number > 0, got {weight}")
-        if base not in self.bases:
-            raise ValueError(f"unknown base model {base!r}")
-        self._pending.append((update, float(weight), base))
+        self._pending.append((update, float(weight)))
         self._pending_bytes += update.nbytes
         self.count += 1
         if self._pending_bytes >= self.group_bytes:
@@ -73,10 +66,9 @@ class CompressedMean:
     def _fold(self) -> None:
         pending, self._pending = self._pending, []
         self._pending_bytes = 0
-        pending.sort(key=lambda p: (p[1], p[2], p[0].fingerprint()))
-        for update, weight, base in pending:
+        pending.sort(key=lambda p: (p[1], p[0].fingerprint()))
+        for update, weight in pending:
             update.fold_into(self.sums, weight, self.layout)
-            self.base_weights[base] = self.base_weights.get(base, 0.0) + weight
             self.total_weight += weight
 
     def result(self) -> dict[str, np.ndarray]:
@@ -85,6 +77,5 @@ class CompressedMean:
         if self.count == 0:
             raise ValueError("no update was added")
         mean = self.sums / self.total_weight
-        for base, weight in sorted(self.base_weights.items()):
-            mean += (weight / self.total_weight) * self.bases[base].astype(np.float64)
+        mean += self.base
         return self.layout.unflatten(mean)

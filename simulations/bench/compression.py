@@ -137,9 +137,9 @@ def codec_lines(model: str, image_size: int) -> None:
         packed = record.count_bytes()
         codec = "int8" if name == "int8" else "topk"
         t3 = time.perf_counter()
-        mean = CompressedMean(layout, {"b": layout.flatten(reference)})
+        mean = CompressedMean(layout, layout.flatten(reference))
         for _ in range(replies):
-            mean.add(read_update(unpack(record, dense * 2), codec, layout), 10.0, "b")
+            mean.add(read_update(unpack(record, dense * 2), codec, layout), 10.0)
         mean.result()
         fold_ms = (time.perf_counter() - t3) * 1000 / replies
         emit(

@@ -161,9 +161,9 @@ def test_compressed_mean_is_the_weighted_mean_of_what_was_sent_in_any_order(
         updates.append((read_update(arrays, codec, layout), float(rng.integers(1, 50))))
     means = []
     for order in (updates, updates[::-1]):
-        mean = CompressedMean(layout, {"b": base}, group_bytes=1 << 30)
+        mean = CompressedMean(layout, base, group_bytes=1 << 30)
         for update, weight in order:
-            mean.add(update, weight, "b")
+            mean.add(update, weight)
         means.append(mean.result())
     total = sum(w for _, w in updates)
     exact = (
@@ -176,17 +176,15 @@ def test_compressed_mean_is_the_weighted_mean_of_what_was_sent_in_any_order(
         np.testing.assert_array_equal(means[0][name], means[1][name])
 
 
-def test_compressed_mean_needs_a_known_base_and_a_positive_weight() -> None:
+def test_compressed_mean_needs_a_positive_weight_and_an_update() -> None:
     layout = _layout(10)
-    mean = CompressedMean(layout, {"b": np.zeros(10, np.float32)})
+    mean = CompressedMean(layout, np.zeros(10, np.float32))
     update = read_update(
         encode_int8(np.ones(10, np.float32), layout, np.random.default_rng(0)),
         "int8",
         layout,
     )
-    with pytest.raises(ValueError, match="unknown base"):
-        mean.add(update, 1.0, "other")
     with pytest.raises(ValueError, match="weight"):
-        mean.add(update, float("nan"), "b")
+        mean.add(update, float("nan"))
     with pytest.raises(ValueError, match="no update"):
         mean.result()
